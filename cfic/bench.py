@@ -1,0 +1,207 @@
+"""``cfic bench``: speed figures as ratios of configurations measured side by side in one run.
+
+Every timed configuration runs interleaved with the one it is compared to (A, B, A, B, ...) on the same documents
+and questions, and the figures are medians, so load from other processes hits both sides alike.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+QUESTIONS = [
+    "When did William of Normandy conquer England?",
+    "Who was the Norse leader who founded Normandy?",
+    "What language did the Normans speak?",
+    "In which century did the Normans gain their separate identity?",
+    "Which island did the Normans conquer in the Mediterranean?",
+    "What was the name of the Norman architecture style?",
+]
+
+
+def bench_documents(tokenizer, target_tokens: int, n_docs: int) -> list[str]:
+    """Documents of about ``target_tokens`` tokens cut at paragraph ends from the bundled example article."""
+    text = resources.files("cfic").joinpath("data/example.txt").read_text(encoding="utf-8")
+    paragraphs = [p for p in text.split("\n\n") if p.strip()]
+    docs = []
+    for start in range(n_docs):
+        out, used = [], 0
+        i = start  # each document starts at another paragraph, so documents differ
+        while used < target_tokens:
+            p = paragraphs[i % len(paragraphs)]
+            used += len(tokenizer(p + "\n\n", add_special_tokens=False)["input_ids"])
+            out.append(p)
+            i += 1
+        docs.append("\n\n".join(out))
+    return docs
+
+
+def matmul_gflops(dtype, size: int = 2048, repeat: int = 10) -> float:
+    """Measured matrix-multiply peak of this CPU (or GPU) for ``dtype``."""
+    import torch
+
+    a = torch.randn(size, size, dtype=dtype)
+    b = torch.randn(size, size, dtype=dtype)
+    torch.matmul(a, b)
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        torch.matmul(a, b)
+        times.append(time.perf_counter() - t)
+    return 2 * size**3 / statistics.median(times) / 1e9
+
+
+@dataclass
+class Timings:
+    cold_ms: list[float] = field(default_factory=list)
+    warm_ms: list[float] = field(default_factory=list)
+    encode_ms: list[float] = field(default_factory=list)
+    prefix_ms: list[float] = field(default_factory=list)
+    skip_ms: list[float] = field(default_factory=list)
+    evidence: list[list[tuple[int, int, int]]] = field(default_factory=list)
+
+    def summary(self) -> dict[str, float]:
+        med = statistics.median
+        out = {"cold_ms": med(self.cold_ms), "warm_ms": med(self.warm_ms), "encode_ms": med(self.encode_ms),
+               "prefix_ms": med(self.prefix_ms), "skip_ms": med(self.skip_ms)}
+        out["warm_over_cold"] = out["warm_ms"] / out["cold_ms"]
+        return out
+
+
+def _time_grounder(grounder, docs: list[str], questions: list[str], timings: Timings) -> None:
+    """One cold query per document (encode + ground), then warm queries on the stored encoding."""
+    for d, doc in enumerate(docs):
+        q0 = questions[d % len(questions)]
+        t = time.perf_counter()
+        enc = grounder.encode([doc])
+        encode_ms = (time.perf_counter() - t) * 1000
+        res = grounder.ground(q0, enc)
+        timings.cold_ms.append(encode_ms + res.usage.latency_ms)
+        timings.encode_ms.append(encode_ms)
+        for q in questions:
+            res = grounder.ground(q, enc)
+            timings.warm_ms.append(res.usage.latency_ms)
+            timings.prefix_ms.append(res.usage.prefix_ms)
+            timings.skip_ms.append(res.usage.skip_ms)
+            timings.evidence.append([(e.document_index, e.start_char, e.end_char) for e in res.evidence])
+
+
+def bench_load(model: str | None) -> dict[str, float]:
+    """Model load time: first use (GGUF conversion into an empty cache) vs later loads from the cache."""
+    from cfic.models import load_model
+
+    old = os.environ.get("CFIC_CACHE_DIR")
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["CFIC_CACHE_DIR"] = tmp
+        try:
+            cold = load_model(model)
+            cold_s = cold.load_seconds
+            del cold
+            cached = [load_model(model).load_seconds for _ in range(3)]
+        finally:
+            if old is None:
+                os.environ.pop("CFIC_CACHE_DIR", None)
+            else:
+                os.environ["CFIC_CACHE_DIR"] = old
+    return {"cold_s": cold_s, "cached_s": statistics.median(cached), "speedup": cold_s / statistics.median(cached)}
+
+
+def run_core_bench(model: str | None, doc_tokens: int, n_docs: int, n_questions: int, rounds: int,
+                   dtypes: list[str], load: bool) -> dict[str, Any]:
+    import torch
+
+    from cfic.grounder import Grounder
+
+    report: dict[str, Any] = {"doc_tokens": doc_tokens, "documents": n_docs, "questions_per_document": n_questions,
+                              "rounds": rounds, "torch_threads": torch.get_num_threads()}
+    if load:
+        report["model_load"] = bench_load(model)
+    grounders = {dt: Grounder.from_pretrained(model, dtype=dt) for dt in dtypes}
+    first = next(iter(grounders.values()))
+    docs = bench_documents(first.tokenizer, doc_tokens, n_docs)
+    report["actual_doc_tokens"] = statistics.mean(e.n_tokens for e in first.encode(docs))
+    questions = QUESTIONS[:n_questions]
+    timings = {dt: Timings() for dt in dtypes}
+    for _ in range(rounds):  # interleaved: every round runs every configuration once
+        for dt, g in grounders.items():
+            _time_grounder(g, docs, questions, timings[dt])
+    report["configs"] = {dt: timings[dt].summary() for dt in dtypes}
+    if len(dtypes) == 2:
+        a, b = dtypes
+        same = sum(x == y for x, y in zip(timings[a].evidence, timings[b].evidence, strict=True))
+        report["dtype_comparison"] = {
+            "baseline": a, "other": b,
+            "cold_speedup": report["configs"][a]["cold_ms"] / report["configs"][b]["cold_ms"],
+            "warm_speedup": report["configs"][a]["warm_ms"] / report["configs"][b]["warm_ms"],
+            "same_evidence_rate": same / len(timings[a].evidence),
+        }
+    peak = {dt: matmul_gflops(getattr(torch, dt)) for dt in dtypes}
+    for dt in dtypes:
+        params = sum(p.numel() for p in grounders[dt].loaded.model.parameters())
+        tokens_per_s = report["actual_doc_tokens"] / (report["configs"][dt]["encode_ms"] / 1000)
+        achieved = 2 * params * tokens_per_s / 1e9  # weight FLOPs only; attention adds a little more
+        report["configs"][dt] |= {"prefill_tokens_per_s": tokens_per_s, "prefill_gflops": achieved,
+                                  "matmul_peak_gflops": peak[dt], "share_of_peak": achieved / peak[dt]}
+    return report
+
+
+def _print_report(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"cfic core latency (~{report['actual_doc_tokens']:.0f}-token documents, medians)")
+    for col in ("dtype", "cold ms", "warm ms", "warm/cold", "encode ms", "prefix ms", "skip ms", "prefill tok/s",
+                "GFLOP/s (peak)"):
+        table.add_column(col, justify="right")
+    for dt, c in report["configs"].items():
+        table.add_row(dt, f"{c['cold_ms']:.0f}", f"{c['warm_ms']:.0f}", f"{c['warm_over_cold']:.1%}",
+                      f"{c['encode_ms']:.0f}", f"{c['prefix_ms']:.0f}", f"{c['skip_ms']:.0f}",
+                      f"{c['prefill_tokens_per_s']:.0f}",
+                      f"{c['prefill_gflops']:.0f} ({c['matmul_peak_gflops']:.0f}, {c['share_of_peak']:.0%})")
+    console.print(table)
+    if "dtype_comparison" in report:
+        d = report["dtype_comparison"]
+        console.print(f"{d['other']} vs {d['baseline']}: cold {d['cold_speedup']:.2f}x, warm {d['warm_speedup']:.2f}x "
+                      f"faster; same evidence on {d['same_evidence_rate']:.0%} of queries")
+    if "model_load" in report:
+        m = report["model_load"]
+        console.print(f"model load: first use {m['cold_s']:.1f} s (GGUF conversion), cached {m['cached_s']:.2f} s "
+                      f"({m['speedup']:.0f}x)")
+
+
+def bench_command(
+    json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    model: Annotated[str | None, typer.Option("--model", help="Model folder (default: packaged SmolLM2).")] = None,
+    doc_tokens: Annotated[int, typer.Option("--doc-tokens", min=64, help="Tokens per document.")] = 2500,
+    documents: Annotated[int, typer.Option("--documents", min=1, help="Documents per round.")] = 2,
+    questions: Annotated[int, typer.Option("--questions", min=1, max=len(QUESTIONS),
+                                           help="Warm questions per document.")] = 3,
+    rounds: Annotated[int, typer.Option("--rounds", min=1, help="Interleaved rounds.")] = 2,
+    dtypes: Annotated[str, typer.Option("--dtypes", help="Comma list of dtypes to compare.")] = "float32,bfloat16",
+    load: Annotated[bool, typer.Option("--load/--no-load", help="Also time model loading cold vs cached.")] = True,
+    out: Annotated[Path | None, typer.Option("--out", help="Also write the JSON report here.")] = None,
+) -> None:
+    """Measure cold vs warm grounding, decoding overhead, dtypes and model load, side by side."""
+    from cfic.errors import CficError
+
+    names = [d.strip() for d in dtypes.split(",") if d.strip()]
+    if not names or any(d not in ("float32", "bfloat16", "float16") for d in names):
+        raise CficError(f"--dtypes takes float32, bfloat16 and/or float16, got {dtypes!r}")
+    report = run_core_bench(model, doc_tokens, documents, questions, rounds, names, load)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2))
+    if json_out:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        _print_report(report)

@@ -1,0 +1,165 @@
+"""The ``cfic`` command line. Commands are thin: they parse, call ``Grounder`` (or a component), and print.
+
+Every user mistake ends as ``error: <one line>`` on stderr and exit code 2 — never a traceback
+(set ``CFIC_DEBUG=1`` to see one for an unexpected failure).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+
+from cfic.errors import CficError, DocumentReadError
+
+app = typer.Typer(
+    name="cfic",
+    help="Chunking-free in-context grounding: verbatim evidence sentences from whole documents.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ModelOpt = Annotated[str | None, typer.Option("--model", help="Local HF folder or .gguf file (default: packaged "
+                                                                "SmolLM2-135M-Instruct).")]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="cpu or cuda (default: cuda when available).")]
+DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="float32, bfloat16 or float16 (default: per device).")]
+
+
+def read_document(path: str) -> tuple[str, str]:
+    """Return (document id, text) for a path or ``-`` (stdin); bad files raise DocumentReadError."""
+    if path == "-":
+        data = sys.stdin.buffer.read()
+        name = "<stdin>"
+    else:
+        p = Path(path)
+        if not p.exists():
+            raise DocumentReadError(f"{path}: no such file")
+        if p.is_dir():
+            raise DocumentReadError(f"{path}: is a directory")
+        try:
+            data = p.read_bytes()
+        except OSError as exc:
+            raise DocumentReadError(f"{path}: cannot read ({exc.strerror})") from exc
+        name = path
+    if b"\x00" in data[:8192]:
+        raise DocumentReadError(f"{name}: looks like a binary file")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DocumentReadError(f"{name}: not valid UTF-8 (byte {exc.start})") from exc
+    if not text.strip():
+        raise DocumentReadError(f"{name}: empty or whitespace-only document")
+    return name, text
+
+
+@app.command()
+def ground(
+    files: Annotated[list[str], typer.Argument(help="Document files (UTF-8 text); '-' reads stdin.")],
+    query: Annotated[str, typer.Option("--query", "-q", help="The question.")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    top_k: Annotated[int, typer.Option("--top-k", min=1, help="Evidence spans to return.")] = 3,
+    max_span_tokens: Annotated[int, typer.Option("--max-span-tokens", min=1, help="Skip-decoding budget.")] = 256,
+    threshold: Annotated[float | None, typer.Option("--threshold", min=0.0, max=1.0,
+                                                    help="Drop spans scoring below this (0..1).")] = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+) -> None:
+    """Print verbatim evidence for QUERY from FILES."""
+    if files.count("-") > 1:
+        raise CficError("'-' (stdin) can be given only once")
+    documents = [{"id": name, "text": text} for name, text in map(read_document, files)]
+    if not query.strip():
+        raise CficError("the query is empty")
+    from cfic.grounder import Grounder
+
+    options = {"max_sentence_tokens": min(96, max_span_tokens)}
+    grounder = Grounder.from_pretrained(model, device=device, dtype=dtype, **options)
+    result = grounder.ground(query, documents, top_k=top_k, max_span_tokens=max_span_tokens, threshold=threshold)
+    if json_out:
+        out = result.to_dict()
+        out["usage"] = {k: out["usage"][k] for k in ("input_tokens", "cached_tokens", "latency_ms")} | {
+            "stages_ms": {k: out["usage"][k] for k in ("encode_ms", "prefix_ms", "skip_ms")}
+        }
+        typer.echo(json.dumps(out, ensure_ascii=False, indent=2))
+        return
+    from rich.console import Console
+
+    console = Console()
+    if result.no_evidence:
+        console.print("[yellow]no evidence[/yellow] (nothing passed the threshold)")
+    for rank, ev in enumerate(result.evidence, 1):
+        console.print(
+            f"[bold]{rank}.[/bold] [cyan]{ev.document_id}[/cyan] chars {ev.start_char}-{ev.end_char} "
+            f"sentences {ev.sentence_start}-{ev.sentence_end} score {ev.score:.3f}",
+            highlight=False,
+        )
+        console.print(ev.text, markup=False, highlight=False)
+        console.print()
+    console.print(
+        f"[dim]{result.usage.input_tokens} input tokens, {result.usage.latency_ms:.0f} ms, model {result.model}[/dim]"
+    )
+
+
+def _register_components() -> None:
+    """Commands that live with their components (kept importable without torch)."""
+    from cfic.bench import bench_command
+
+    app.command("bench")(bench_command)
+
+
+def _framework_exceptions() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
+    """(usage errors, exits, aborts) for click and for typer's vendored copy of click (typer >= 0.20)."""
+    usage: list[type] = [click.ClickException]
+    exits: list[type] = [click.exceptions.Exit]
+    aborts: list[type] = [click.exceptions.Abort]
+    try:
+        from typer import exceptions as tex
+
+        usage.append(tex.TyperException)
+        exits.append(tex.Exit)
+        aborts.append(tex.Abort)
+    except (ImportError, AttributeError):
+        pass
+    return tuple(usage), tuple(exits), tuple(aborts)
+
+
+def main(argv: list[str] | None = None) -> None:
+    _register_components()
+    usage_errors, exits, aborts = _framework_exceptions()
+    try:
+        rv = app(args=argv, prog_name="cfic", standalone_mode=False)
+    except aborts:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except exits as exc:
+        sys.exit(exc.exit_code)
+    except usage_errors as exc:
+        if hasattr(exc, "show"):
+            exc.show()
+        else:
+            typer.echo(f"error: {exc}", err=True)
+        sys.exit(getattr(exc, "exit_code", 2) or 2)
+    except CficError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - a bug, not bad input: still one line unless debugging
+        if os.environ.get("CFIC_DEBUG"):
+            raise
+        typer.echo(f"error: internal failure: {type(exc).__name__}: {exc} (set CFIC_DEBUG=1 for details)", err=True)
+        sys.exit(1)
+    if isinstance(rv, int) and rv:
+        sys.exit(rv)
+
+
+if __name__ == "__main__":
+    main()

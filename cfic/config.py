@@ -1,0 +1,69 @@
+"""One typed configuration object, passed down from the public API to the decoding functions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from cfic.errors import CficError
+
+DEFAULT_INSTRUCTION = (
+    "Read the document, then copy, word for word, the sentences of the document that answer the question. "
+    "Copy them exactly as they appear; do not add anything."
+)
+
+
+@dataclass(frozen=True)
+class GroundingConfig:
+    """How cfic encodes documents and extracts evidence.
+
+    ``top_k``: prefixes kept by the constrained prefix search (the CFIC paper uses 3) and evidence spans returned.
+    ``max_span_tokens``: the skip-decoding budget d; a span never runs past it (the paper's d = 256).
+    ``max_sentence_tokens``: longer run-on sentences are cut at word boundaries.
+    ``max_query_tokens``: room reserved for the question when a long document is cut into windows.
+    ``window_overlap_tokens``: overlap between consecutive windows of a long document; defaults to
+    ``max_span_tokens`` so every span that fits the budget lies whole inside some window.
+    ``threshold``: spans scoring below it are dropped; when none remain the result says ``no_evidence``.
+    ``max_context_tokens``: defaults to the model's own context length.
+    ``encode_batch_tokens``: documents of similar length are prefilled together up to this many padded tokens.
+    """
+
+    top_k: int = 3
+    max_span_tokens: int = 256
+    max_sentence_tokens: int = 96
+    max_query_tokens: int = 256
+    max_prefix_tokens: int = 48
+    window_overlap_tokens: int | None = None
+    threshold: float | None = None
+    max_context_tokens: int | None = None
+    encode_batch_tokens: int = 8192
+    language: str = "en"
+    instruction: str = field(default=DEFAULT_INSTRUCTION)
+
+    def __post_init__(self) -> None:
+        positive = ("top_k", "max_span_tokens", "max_sentence_tokens", "max_query_tokens", "max_prefix_tokens",
+                    "encode_batch_tokens")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise CficError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_sentence_tokens > self.max_span_tokens:
+            raise CficError("max_sentence_tokens must not exceed max_span_tokens")
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+            raise CficError(f"threshold must lie in [0, 1], got {self.threshold!r}")
+        if self.window_overlap_tokens is not None and self.window_overlap_tokens < 0:
+            raise CficError("window_overlap_tokens must be >= 0")
+
+    @property
+    def overlap_tokens(self) -> int:
+        return self.max_span_tokens if self.window_overlap_tokens is None else self.window_overlap_tokens
+
+    def with_options(self, **options: object) -> GroundingConfig:
+        unknown = set(options) - set(self.__dataclass_fields__)
+        if unknown:
+            raise CficError(f"unknown option(s): {', '.join(sorted(unknown))}")
+        return replace(self, **options)  # type: ignore[arg-type]
+
+    def encoding_key(self) -> tuple:
+        """The fields that change a document's encoding (for caches keyed by configuration)."""
+        return (self.max_span_tokens, self.max_sentence_tokens, self.max_query_tokens, self.overlap_tokens,
+                self.max_context_tokens, self.language, self.instruction)

@@ -1,0 +1,25 @@
+"""Errors a user can cause. Every one is a ``ValueError`` so callers can catch bad input without knowing cfic."""
+
+
+class CficError(ValueError):
+    """Bad input or configuration: the message is meant for the person who typed it."""
+
+
+class EmptyDocumentError(CficError):
+    """A document is empty or whitespace only."""
+
+
+class EmptyQueryError(CficError):
+    """The query is empty or whitespace only."""
+
+
+class QueryTooLongError(CficError):
+    """The query does not fit the model's context next to the document."""
+
+
+class DocumentReadError(CficError):
+    """A document file is missing, a directory, binary, or not UTF-8."""
+
+
+class ModelLoadError(CficError):
+    """The model could not be found or loaded."""

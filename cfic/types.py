@@ -1,0 +1,71 @@
+"""What the public API returns. Offsets are half-open Python code-point indices into the document's text."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Document:
+    """A document to ground in. ``id`` defaults to its position in the request."""
+
+    text: str
+    id: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """A verbatim span: ``text == documents[document_index].text[start_char:end_char]``.
+
+    ``sentence_start``/``sentence_end`` are half-open sentence indices into the document's sentence list.
+    ``score`` is the geometric-mean probability of the prefix that picked the start sentence (0..1);
+    ``end_probability`` is the model's end-of-evidence probability where the span ends.
+    """
+
+    document_index: int
+    document_id: str
+    start_char: int
+    end_char: int
+    text: str
+    score: float
+    sentence_start: int
+    sentence_end: int
+    end_probability: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Usage:
+    input_tokens: int = 0
+    cached_tokens: int = 0
+    latency_ms: float = 0.0
+    encode_ms: float = 0.0
+    prefix_ms: float = 0.0
+    skip_ms: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class GroundingResult:
+    """Evidence ranked by score across all documents; ``no_evidence`` when nothing passes the threshold."""
+
+    query: str
+    model: str
+    evidence: list[Evidence]
+    no_evidence: bool
+    usage: Usage
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "query": self.query,
+            "model": self.model,
+            "evidence": [e.to_dict() for e in self.evidence],
+            "no_evidence": self.no_evidence,
+            "usage": self.usage.to_dict(),
+        }

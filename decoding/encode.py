@@ -1,0 +1,268 @@
+"""Prompt layout and whole-document encoding.
+
+The prompt is ``[head][document][question part]`` and the answer follows it: the document comes *before* the
+question, so a document's KV cache is a prefix that any number of questions can reuse. Each piece is tokenised on
+its own and the ids concatenated, always the same way (at inference and in training), so the document tokens do not
+depend on the question.
+
+The document is tokenised sentence segment by sentence segment (segment i = the text between sentence i-1's end
+and sentence i's end), which makes every sentence's token span exact by construction. A document longer than the
+model's context is the one place where cfic cuts a document: into windows of whole sentences that overlap by at
+least ``overlap_tokens`` tokens, so every span that fits the skip-decoding budget lies whole inside some window.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from cfic.decoding.runner import KVCache, LayerRunner, prefill
+from cfic.decoding.trie import SentenceTrie
+
+from cfic.config import GroundingConfig
+from cfic.errors import CficError, EmptyDocumentError, EmptyQueryError, QueryTooLongError
+from cfic.text import Sentence, split_sentences
+
+_DOC, _QUERY = "\u2063CFIC_DOCUMENT\u2063", "\u2063CFIC_QUESTION\u2063"
+
+
+def _ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    if not texts:
+        return []
+    return [list(x) for x in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """Token ids around the document, and how the question part is tokenised."""
+
+    head_ids: tuple[int, ...]
+    between: str  # text between the document and the question
+    tail: str  # text between the question and the answer
+    eos_ids: tuple[int, ...]
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer, instruction: str, eos_ids: Sequence[int] | None = None) -> PromptTemplate:
+        user = f"{instruction}\n\nDocument:\n{_DOC}\n\nQuestion: {_QUERY}"
+        text = None
+        if getattr(tokenizer, "chat_template", None):
+            try:
+                text = tokenizer.apply_chat_template(
+                    [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
+                )
+            except Exception:  # noqa: BLE001 - any template failure falls back to the plain layout
+                text = None
+        if text and _DOC in text and _QUERY in text and text.index(_DOC) < text.index(_QUERY):
+            head, rest = text.split(_DOC, 1)
+            between, tail = rest.split(_QUERY, 1)
+            head_ids = tuple(tokenizer(head, add_special_tokens=False)["input_ids"])
+        else:
+            head, between, tail = f"{instruction}\n\nDocument:\n", "\n\nQuestion: ", "\nEvidence:\n"
+            head_ids = tuple(tokenizer(head, add_special_tokens=True)["input_ids"])
+        eos = set(eos_ids or ())
+        if tokenizer.eos_token_id is not None:
+            eos.add(int(tokenizer.eos_token_id))
+        if not eos:
+            raise CficError("the tokenizer has no end-of-sequence token; cfic needs one to end evidence")
+        return cls(head_ids, between, tail, tuple(sorted(eos)))
+
+    def query_ids(self, tokenizer, query: str, max_query_tokens: int) -> list[int]:
+        if not query or not query.strip():
+            raise EmptyQueryError("the query is empty")
+        n_query = len(tokenizer(query, add_special_tokens=False)["input_ids"])
+        if n_query > max_query_tokens:
+            raise QueryTooLongError(
+                f"the query has {n_query} tokens; at most {max_query_tokens} fit next to a document "
+                "(raise max_query_tokens)"
+            )
+        return list(tokenizer(self.between + query + self.tail, add_special_tokens=False)["input_ids"])
+
+    def overhead(self, tokenizer, max_query_tokens: int) -> int:
+        """Tokens a question part can take at most (question text plus the fixed text around it)."""
+        fixed = len(tokenizer(self.between + self.tail, add_special_tokens=False)["input_ids"])
+        return fixed + max_query_tokens + 4  # +4: merges at the joins can only shorten, never lengthen by more
+
+
+@dataclass(frozen=True)
+class EncodedWindow:
+    """Sentences ``[first, last)`` of a document after the prompt head, with their KV cache."""
+
+    first: int
+    last: int
+    n_tokens: int  # head + document tokens; the KV cache length
+    kv: KVCache
+    trie: SentenceTrie
+
+
+@dataclass(frozen=True)
+class DocumentEncoding:
+    """A document read once by the model: reusable for any number of questions. Never mutated after building.
+
+    ``answer_ids[i]``: sentence i tokenised as the model emits it at the start of an answer (the trie's paths);
+    ``segment_ids[i]``: the document text between sentence i-1's end and sentence i's end, as in the document (what
+    follows a sentence when the evidence continues).
+    """
+
+    document_id: str
+    text: str
+    metadata: dict[str, Any]
+    sentences: tuple[Sentence, ...]
+    answer_ids: tuple[tuple[int, ...], ...]
+    segment_ids: tuple[tuple[int, ...], ...]
+    windows: tuple[EncodedWindow, ...]
+    model_key: str
+
+    @property
+    def n_tokens(self) -> int:
+        """Document tokens (without the prompt head), counted once even where windows overlap."""
+        return sum(len(s) for s in self.segment_ids)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(w.kv.nbytes() for w in self.windows)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    document_id: str
+    text: str
+    metadata: dict[str, Any]
+    sentences: tuple[Sentence, ...]
+    answer_ids: tuple[tuple[int, ...], ...]
+    segment_ids: tuple[tuple[int, ...], ...]
+    windows: tuple[tuple[int, int], ...]
+
+
+def window_bounds(lengths: Sequence[int], capacity: int, overlap: int) -> list[tuple[int, int]]:
+    """Cut sentences (token lengths ``lengths``) into windows of at most ``capacity`` tokens of whole sentences.
+
+    Consecutive windows overlap by at least ``overlap`` tokens (whole sentences) when the window capacity allows,
+    so any run of sentences of at most ``overlap`` tokens lies whole inside one window.
+    """
+    if any(n > capacity for n in lengths):
+        raise CficError(f"a sentence has more tokens than a window can hold ({capacity}); lower max_sentence_tokens")
+    windows: list[tuple[int, int]] = []
+    start, n = 0, len(lengths)
+    while start < n:
+        end, used = start, 0
+        while end < n and used + lengths[end] <= capacity:
+            used += lengths[end]
+            end += 1
+        windows.append((start, end))
+        if end >= n:
+            break
+        nxt, back = end, 0
+        while nxt - 1 > start and back < overlap:
+            nxt -= 1
+            back += lengths[nxt]
+        start = nxt
+    return windows
+
+
+def plan_document(
+    tokenizer,
+    template: PromptTemplate,
+    text: str,
+    document_id: str,
+    metadata: dict[str, Any],
+    config: GroundingConfig,
+    max_context: int,
+) -> _Plan:
+    if not isinstance(text, str):
+        raise CficError(f"document {document_id!r}: text must be a string, got {type(text).__name__}")
+    if not text.strip():
+        raise EmptyDocumentError(f"document {document_id!r} is empty or whitespace only")
+
+    def count(texts: Sequence[str]) -> list[int]:
+        return [len(x) for x in _ids(tokenizer, texts)]
+
+    sentences = tuple(
+        split_sentences(text, language=config.language, max_tokens=config.max_sentence_tokens, count_tokens=count)
+    )
+    bounds = [0, *(s.end for s in sentences[:-1])]
+    segments = [text[a: s.end] for a, s in zip(bounds, sentences, strict=True)]
+    segment_ids = tuple(tuple(x) for x in _ids(tokenizer, segments))
+    answer_ids = tuple(tuple(x) for x in _ids(tokenizer, [s.text for s in sentences]))
+    capacity = (max_context - len(template.head_ids) - template.overhead(tokenizer, config.max_query_tokens)
+                - config.max_span_tokens - config.max_prefix_tokens - config.top_k)
+    if capacity < config.max_span_tokens:
+        raise CficError(
+            f"the model's context ({max_context} tokens) leaves only {capacity} tokens for a document window; "
+            "lower max_query_tokens or max_span_tokens"
+        )
+    windows = window_bounds([len(s) for s in segment_ids], capacity, config.overlap_tokens)
+    return _Plan(document_id, text, dict(metadata), sentences, answer_ids, segment_ids, tuple(windows))
+
+
+def encode_documents(
+    runner: LayerRunner,
+    tokenizer,
+    template: PromptTemplate,
+    documents: Sequence[tuple[str, str, dict[str, Any]]],
+    config: GroundingConfig,
+    max_context: int,
+    model_key: str,
+    progress: bool = False,
+) -> list[DocumentEncoding]:
+    """Encode ``(id, text, metadata)`` documents. Windows of similar length are prefilled together, right-padded,
+    up to ``config.encode_batch_tokens`` padded tokens per batch."""
+    plans = [plan_document(tokenizer, template, t, i, m, config, max_context) for i, t, m in documents]
+    jobs: list[tuple[int, int, list[int]]] = []  # (plan index, window index, input ids)
+    for p, plan in enumerate(plans):
+        for w, (a, b) in enumerate(plan.windows):
+            ids = list(template.head_ids)
+            for s in range(a, b):
+                ids.extend(plan.segment_ids[s])
+            jobs.append((p, w, ids))
+    order = sorted(range(len(jobs)), key=lambda j: -len(jobs[j][2]))
+    kvs: dict[tuple[int, int], KVCache] = {}
+    batches: list[list[int]] = []
+    for j in order:
+        if batches and len(jobs[batches[-1][0]][2]) * (len(batches[-1]) + 1) <= config.encode_batch_tokens:
+            batches[-1].append(j)
+        else:
+            batches.append([j])
+    iterator = batches
+    if progress and len(batches) > 1:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(batches, desc="encoding documents", unit="batch")
+    pad = template.eos_ids[0]
+    with torch.inference_mode():
+        for batch in iterator:
+            width = len(jobs[batch[0]][2])
+            rows = [jobs[j][2] + [pad] * (width - len(jobs[j][2])) for j in batch]
+            cache = prefill(runner, torch.tensor(rows, dtype=torch.long, device=runner.device))
+            for r, j in enumerate(batch):
+                p, w, ids = jobs[j]
+                kvs[(p, w)] = cache.slice_row(r, len(ids)) if len(batch) > 1 or width != len(ids) else cache
+    out = []
+    for p, plan in enumerate(plans):
+        windows = tuple(
+            EncodedWindow(a, b, kvs[(p, w)].length, kvs[(p, w)], SentenceTrie(plan.answer_ids[a:b], offset=a))
+            for w, (a, b) in enumerate(plan.windows)
+        )
+        out.append(DocumentEncoding(plan.document_id, plan.text, plan.metadata, plan.sentences, plan.answer_ids,
+                                    plan.segment_ids, windows, model_key))
+    return out
+
+
+def encode_question(
+    runner: LayerRunner, window: EncodedWindow, query_ids: Sequence[int], room: int
+) -> tuple[KVCache, torch.Tensor]:
+    """Append the question to a private copy of the window's cache (the encoding itself stays untouched).
+
+    Returns the query-extended cache (with ``room`` free slots for decoding) and the log-probabilities of the first
+    answer token, float32 ``[vocab]``.
+    """
+    from cfic.decoding.runner import causal_extension_mask, forward
+
+    cache = window.kv.fork(len(query_ids) + room)
+    start = cache.length
+    ids = torch.tensor([list(query_ids)], dtype=torch.long, device=runner.device)
+    positions = torch.arange(start, start + ids.shape[1], device=runner.device).unsqueeze(0)
+    mask = causal_extension_mask(start, ids.shape[1], runner.device)
+    hidden = forward(runner, ids, positions, cache, mask)
+    return cache, torch.log_softmax(runner.logits(hidden[0, -1]), dim=-1)

@@ -1,0 +1,109 @@
+"""Constrained Sentence Prefix Decoding (CFIC): find where the evidence starts.
+
+Decoding may only follow the document's sentence trie. At every step each live prefix is extended by its allowed
+next tokens only (gathered from the full-vocabulary log-softmax, so scores are the model's real probabilities), the
+top-k prefixes by average log-probability survive, and a prefix stops as soon as it identifies one sentence. The
+surviving prefixes are packed into one sequence after the shared document+question cache with a tree attention mask,
+so forking a prefix never copies the cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from cfic.decoding.runner import KVCache, LayerRunner, TreeMask, forward
+from cfic.decoding.trie import SentenceTrie
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Prefix:
+    """A decoded sentence prefix.
+
+    ``tokens``: the chosen tokens t1..tn. ``positions``: cache positions of t1..t(n-1), the tokens already fed to the
+    model (tn is chosen but not yet fed). ``sentences``: the sentence(s) it identifies once finished.
+    """
+
+    node: int
+    tokens: tuple[int, ...]
+    logprob_sum: float
+    positions: tuple[int, ...]
+    sentences: tuple[int, ...] | None = None
+
+    @property
+    def score(self) -> float:
+        """Average log-probability per token (the CFIC ranking criterion)."""
+        return self.logprob_sum / max(1, len(self.tokens))
+
+
+def _expand(trie: SentenceTrie, prefix: Prefix, logprobs: Tensor, top_k: int) -> list[Prefix]:
+    """The best ``top_k`` one-token extensions of ``prefix`` inside the trie (never an empty set)."""
+    out: list[Prefix] = []
+    node = trie.nodes[prefix.node]
+    if node.terminal and node.children:
+        # A sentence ends here while longer ones continue: finishing is an option that costs no token.
+        out.append(Prefix(prefix.node, prefix.tokens, prefix.logprob_sum, prefix.positions, tuple(node.terminal)))
+    allowed = trie.child_tokens(prefix.node)
+    if allowed.numel() == 0:
+        return out
+    scores = logprobs.index_select(0, allowed.to(logprobs.device))
+    best = torch.topk(scores, k=min(top_k, allowed.numel()))
+    for value, idx in zip(best.values.tolist(), best.indices.tolist(), strict=True):
+        token = int(allowed[idx])
+        child = trie.child(prefix.node, token)
+        out.append(Prefix(child, (*prefix.tokens, token), prefix.logprob_sum + value, prefix.positions,
+                          trie.identified(child)))
+    return out
+
+
+def constrained_prefix_search(
+    runner: LayerRunner,
+    cache: KVCache,
+    first_logprobs: Tensor,
+    trie: SentenceTrie,
+    top_k: int,
+    max_steps: int,
+) -> list[Prefix]:
+    """Top-k constrained prefix search over ``trie`` after the question in ``cache``.
+
+    ``first_logprobs``: log-probabilities of the first answer token. ``cache`` holds document + question and gets the
+    decoded tokens appended (positions recorded per prefix). Returns up to ``top_k`` finished prefixes, best first.
+    """
+    shared = cache.length  # document + question: seen by every prefix
+    masks = TreeMask(shared)
+    live = [Prefix(SentenceTrie.ROOT, (), 0.0, ())]
+    rows = first_logprobs.unsqueeze(0)
+    finished: list[Prefix] = []
+    for step in range(max_steps + 1):
+        candidates = list(finished)
+        for prefix, logprobs in zip(live, rows, strict=True):
+            candidates.extend(_expand(trie, prefix, logprobs, top_k))
+        candidates.sort(key=lambda p: (-p.score, p.tokens))
+        pool = candidates[:top_k]
+        finished = [p for p in pool if p.sentences is not None]
+        live = [p for p in pool if p.sentences is None]
+        if not live:
+            break
+        if step == max_steps:  # safety bound: resolve to the first sentence each prefix still allows
+            finished += [Prefix(p.node, p.tokens, p.logprob_sum, p.positions, (trie.nodes[p.node].sentences[0],))
+                         for p in live]
+            break
+        # Feed each live prefix's newest token; all of them in one packed row.
+        start = cache.length
+        new_positions = [[start + i] for i in range(len(live))]
+        mask = masks.build([list(p.positions) for p in live], new_positions, start + len(live), runner.device)
+        ids = torch.tensor([[p.tokens[-1] for p in live]], dtype=torch.long, device=runner.device)
+        rope = torch.tensor([[shared + len(p.tokens) - 1 for p in live]], dtype=torch.long, device=runner.device)
+        cache.ensure_room(len(live))
+        hidden = forward(runner, ids, rope, cache, mask)
+        rows = torch.log_softmax(runner.logits(hidden[0]), dim=-1)
+        live = [Prefix(p.node, p.tokens, p.logprob_sum, (*p.positions, start + i), p.sentences)
+                for i, p in enumerate(live)]
+    finished.sort(key=lambda p: (-p.score, p.tokens))
+    return finished
+
+
+def end_probability(logprobs: Tensor, eos_ids: tuple[int, ...]) -> float:
+    """Probability mass on the end-of-evidence token(s)."""
+    return float(logprobs[list(eos_ids)].exp().sum())

@@ -1,0 +1,46 @@
+"""The real default model (packaged SmolLM2-135M-Instruct) on real Natural Questions passages."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+DATA = Path(__file__).parent / "data" / "nq_sample.jsonl"
+pytestmark = pytest.mark.integration
+
+
+def nq_document(i: int) -> tuple[dict, str]:
+    rows = [json.loads(line) for line in DATA.read_text(encoding="utf-8").splitlines()]
+    ex = rows[i]
+    passages = [f"Title: {r['ctx_title']}\n{r['ctx']}" for j, r in enumerate(rows) if j != i][:6]
+    passages.insert(3, f"Title: {ex['title']}\n{ex['long_answer']}")
+    return ex, "\n\n".join(passages)
+
+
+def test_default_model_grounds_a_real_nq_document(default_grounder):
+    ex, text = nq_document(0)
+    result = default_grounder.ground(ex["question"], [text], top_k=3)
+    assert result.evidence and not result.no_evidence
+    for ev in result.evidence:
+        assert ev.text == text[ev.start_char:ev.end_char]
+        assert ev.text.strip() == ev.text
+    assert result.model == "smollm2-135m-instruct"
+
+
+def test_cli_json_end_to_end(tmp_path):
+    ex, text = nq_document(2)
+    path = tmp_path / "doc.txt"
+    path.write_text(text, encoding="utf-8")
+    res = subprocess.run([sys.executable, "-m", "cfic.cli", "ground", "--json", "--query", ex["question"], str(path)],
+                         capture_output=True, timeout=600)
+    assert res.returncode == 0, res.stderr.decode()[-2000:]
+    out = json.loads(res.stdout)
+    assert set(out) >= {"query", "model", "evidence", "no_evidence", "usage"}
+    assert set(out["usage"]) >= {"input_tokens", "latency_ms"}
+    assert out["evidence"]
+    for ev in out["evidence"]:
+        assert ev["text"] == text[ev["start_char"]:ev["end_char"]]
