@@ -33,6 +33,25 @@ class LoadedModel:
     dtype: torch.dtype
     load_seconds: float
     from_cache: bool
+    adapter: str | None = None
+
+
+def bundled_adapter() -> Path | None:
+    """The CFIC-tuned LoRA adapter shipped for the default model (``cfic train`` writes it), if present."""
+    path = Path(__file__).parent / "data" / "adapter"
+    return path if (path / "adapter_config.json").is_file() else None
+
+
+def apply_adapter(model: torch.nn.Module, adapter: Path) -> torch.nn.Module:
+    """Merge a PEFT LoRA adapter into the weights, so inference runs plain linear layers (no adapter overhead)."""
+    from peft import PeftModel
+
+    if not (adapter / "adapter_config.json").is_file():
+        raise ModelLoadError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json)")
+    try:
+        return PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ModelLoadError(f"could not apply adapter {adapter}: {exc}") from exc
 
 
 def cache_dir() -> Path:
@@ -129,7 +148,7 @@ def resolve_model_path(name_or_path: str | os.PathLike | None) -> tuple[Path, st
         folder = _converted_folder(gguf)
         cached = (folder / "config.json").is_file()
         if not cached:
-            log.info("converting %s into %s (once)", gguf.name, folder)
+            log.info("cfic: converting the packaged model %s into %s (first use only, ~20 s)", gguf.name, folder)
             convert_gguf(gguf, folder)
         return folder, DEFAULT_MODEL, cached
     path = Path(name_or_path).expanduser()
@@ -137,6 +156,7 @@ def resolve_model_path(name_or_path: str | os.PathLike | None) -> tuple[Path, st
         folder = _converted_folder(path)
         cached = (folder / "config.json").is_file()
         if not cached:
+            log.info("cfic: converting %s into %s (first use only)", path.name, folder)
             convert_gguf(path, folder)
         return folder, path.stem, cached
     if not path.is_dir():
@@ -152,8 +172,13 @@ def load_model(
     name_or_path: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
+    adapter: str | os.PathLike | None = "auto",
 ) -> LoadedModel:
-    """Load a causal LM and its tokenizer for inference (eval mode, no gradients)."""
+    """Load a causal LM and its tokenizer for inference (eval mode, no gradients).
+
+    ``adapter``: "auto" applies the bundled CFIC adapter to the default model only (it was trained for it); a path
+    applies that PEFT adapter to any model; None loads the plain model.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     start = time.perf_counter()
@@ -167,6 +192,15 @@ def load_model(
         )
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"could not load a causal LM from {folder}: {exc}") from exc
+    adapter_path: Path | None = None
+    if adapter == "auto":
+        adapter_path = bundled_adapter() if name == DEFAULT_MODEL else None
+    elif adapter is not None:
+        adapter_path = Path(adapter).expanduser()
+    if adapter_path is not None:
+        model = apply_adapter(model, adapter_path)
+        name = f"{name}+{adapter_path.name if adapter_path != bundled_adapter() else 'cfic-lora'}"
     model.to(dev).eval()
     model.requires_grad_(False)
-    return LoadedModel(model, tokenizer, name, dev, dt, time.perf_counter() - start, cached)
+    return LoadedModel(model, tokenizer, name, dev, dt, time.perf_counter() - start, cached,
+                       str(adapter_path) if adapter_path else None)

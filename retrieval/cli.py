@@ -1,0 +1,230 @@
+"""``cfic index``: build, search and inspect a corpus index from the command line.
+
+Module imports stay light (typer, stdlib): the cfic CLI imports this to list its commands, and ``--help`` must not
+load torch or faiss. Errors are raised as ``CficError``; the cfic CLI main prints them as ``error: ...``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+index_app = typer.Typer(
+    help="A faiss index of whole documents: find candidate documents in a corpus, then ground in them.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+TEXT_SUFFIXES = (".txt", ".md", ".markdown")
+JSONL_SUFFIXES = (".jsonl",)
+_SNIPPET = 240
+
+IndexOption = Annotated[Path, typer.Option("--index", "-i", help="The index folder.")]
+ModelOption = Annotated[
+    str | None,
+    typer.Option("--model", help="sentence-transformers folder (default: the one the index was built with)."),
+]
+DeviceOption = Annotated[str | None, typer.Option("--device", help="cpu or cuda (default: cpu).")]
+
+
+def _read_text(path: Path) -> str:
+    from cfic.errors import DocumentReadError
+
+    try:
+        data = path.read_bytes()
+    except IsADirectoryError as exc:
+        raise DocumentReadError(f"{path} is a folder") from exc
+    except OSError as exc:
+        raise DocumentReadError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    if b"\x00" in data:
+        raise DocumentReadError(f"{path} looks binary (it contains NUL bytes); give UTF-8 text files")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DocumentReadError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+
+
+def _read_jsonl(path: Path, source: str) -> list[dict[str, Any]]:
+    from cfic.errors import DocumentReadError
+
+    docs = []
+    for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DocumentReadError(f"{path}:{lineno}: not JSON ({exc.msg})") from exc
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise DocumentReadError(f"{path}:{lineno}: each line must be an object with a 'text' string")
+        extra = set(row) - {"id", "text", "metadata"}
+        if extra:
+            raise DocumentReadError(f"{path}:{lineno}: unknown field(s) {', '.join(sorted(extra))}")
+        metadata = row.get("metadata") or {}
+        if not isinstance(metadata, dict):
+            raise DocumentReadError(f"{path}:{lineno}: 'metadata' must be an object")
+        doc_id = row.get("id")
+        if doc_id is None:
+            doc_id = f"{source}:{lineno}"
+        elif not isinstance(doc_id, (str, int)) or isinstance(doc_id, bool) or str(doc_id) == "":
+            raise DocumentReadError(f"{path}:{lineno}: 'id' must be a non-empty string")
+        docs.append({"id": str(doc_id), "text": row["text"],
+                     "metadata": {**metadata, "source": str(path), "line": lineno}})
+    return docs
+
+
+def collect_documents(paths: list[Path]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Read every input before the index is touched, so a bad file cannot leave a half-done add.
+
+    A folder contributes its .txt/.md/.jsonl files (recursively, hidden ones skipped), each with the id of its path
+    relative to the folder; a file given by name gets its file name as id, so re-adding an edited file replaces it.
+    Returns (documents, warnings); empty text files are skipped with a warning.
+    """
+    from cfic.errors import DocumentReadError
+
+    files: list[tuple[Path, str]] = []
+    for given in paths:
+        if given.is_dir():
+            found = sorted(
+                p for p in given.rglob("*")
+                if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES + JSONL_SUFFIXES
+                and not any(part.startswith(".") for part in p.relative_to(given).parts)
+            )
+            if not found:
+                raise DocumentReadError(f"{given} has no .txt, .md or .jsonl files")
+            files.extend((p, p.relative_to(given).as_posix()) for p in found)
+        elif given.exists():
+            files.append((given, given.name))
+        else:
+            raise DocumentReadError(f"{given} does not exist")
+    documents: list[dict[str, Any]] = []
+    notes: list[str] = []
+    origin: dict[str, str] = {}
+    for path, source in files:
+        if path.suffix.lower() in JSONL_SUFFIXES:
+            rows = _read_jsonl(path, source)
+        else:
+            text = _read_text(path)
+            if not text.strip():
+                notes.append(f"skipped {path}: empty")
+                continue
+            rows = [{"id": source, "text": text, "metadata": {"source": str(path), "filename": path.name}}]
+        for row in rows:
+            where = f"{path}" + (f":{row['metadata']['line']}" if "line" in row["metadata"] else "")
+            if row["id"] in origin:
+                raise DocumentReadError(f"two inputs have the id {row['id']!r}: {origin[row['id']]} and {where}")
+            if not row["text"].strip():
+                notes.append(f"skipped {where}: empty text")
+                continue
+            origin[row["id"]] = where
+            documents.append(row)
+    return documents, notes
+
+
+@index_app.command("add")
+def add_command(
+    files: Annotated[list[Path], typer.Argument(help="Text files (.txt, .md), JSON lines (.jsonl: id, text, "
+                                                     "metadata) or folders of them.")],
+    index: IndexOption,
+    model: ModelOption = None,
+    kind: Annotated[str | None, typer.Option(
+        "--kind", help="When creating: flat (exact, default) or hnsw (approximate, for large corpora).")] = None,
+    device: DeviceOption = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
+) -> None:
+    """Add documents (or replace those with the same id); creates the index if the folder has none."""
+    from cfic.retrieval.index import CorpusIndex
+
+    documents, notes = collect_documents(files)
+    for note in notes:
+        typer.echo(f"warning: {note}", err=True)
+    options: dict[str, Any] = {"model": model, "device": device}
+    if kind is not None:
+        options["kind"] = kind
+    with CorpusIndex.open_or_create(index, **options) as corpus:
+        report = corpus.add(documents, progress=not quiet)
+        total = len(corpus)
+    if not quiet:
+        typer.echo(f"added {len(report.added)}, replaced {len(report.replaced)} document(s) "
+                   f"({report.passages} passages); {total} document(s) in {index}")
+
+
+@index_app.command("search")
+def search_command(
+    index: IndexOption,
+    query: Annotated[str, typer.Option("--query", "-q", help="What to look for.")],
+    k: Annotated[int, typer.Option("-k", "--k", min=1, help="How many documents.")] = 5,
+    model: ModelOption = None,
+    device: DeviceOption = None,
+    ef_search: Annotated[int | None, typer.Option("--ef-search", min=1,
+                                                  help="HNSW only: wider search, better recall.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+) -> None:
+    """The documents whose best passage is most similar to the query."""
+    from cfic.retrieval.index import CorpusIndex
+
+    with CorpusIndex.open(index, model=model, device=device) as corpus:
+        hits = corpus.search(query, k=k, ef_search=ef_search)
+    if as_json:
+        for hit in hits:
+            typer.echo(json.dumps(hit.to_dict(), ensure_ascii=False))
+        return
+    if not hits:
+        typer.echo("no documents in the index")
+        return
+    for rank, hit in enumerate(hits, start=1):
+        passage = " ".join(hit.passage.split())
+        if len(passage) > _SNIPPET:
+            passage = passage[: _SNIPPET - 1] + "…"
+        typer.echo(f"{rank}. {hit.score:.4f}  {hit.id}  [best passage: chars {hit.start_char}-{hit.end_char}]")
+        typer.echo(f"   {passage}")
+
+
+@index_app.command("info")
+def info_command(
+    index: IndexOption,
+    as_json: Annotated[bool, typer.Option("--json", help="As JSON.")] = False,
+) -> None:
+    """What the index holds: documents, vectors, embedding model, kind, size."""
+    from cfic.retrieval.index import CorpusIndex
+
+    with CorpusIndex.open(index) as corpus:
+        info = corpus.info()
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    for key, value in info.items():
+        typer.echo(f"{key}: {value}")
+
+
+@index_app.command("remove")
+def remove_command(
+    ids: Annotated[list[str], typer.Argument(help="Document ids to remove.")],
+    index: IndexOption,
+) -> None:
+    """Remove documents by id (unknown ids are reported, not an error)."""
+    from cfic.retrieval.index import CorpusIndex
+
+    with CorpusIndex.open(index) as corpus:
+        removed = corpus.remove(ids)
+        total = len(corpus)
+    missing = [i for i in dict.fromkeys(ids) if i not in set(removed)]
+    typer.echo(f"removed {len(removed)} document(s); {total} left in {index}")
+    if missing:
+        typer.echo(f"not in the index: {', '.join(missing)}", err=True)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    try:
+        index_app()
+    except Exception as exc:  # the cfic main does this for the wired-in commands
+        from cfic.errors import CficError
+
+        if isinstance(exc, CficError):
+            typer.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        raise
