@@ -443,9 +443,8 @@ class CorpusIndex:
         """The embedding model, loaded on first use from the manifest's record (or the one given at open)."""
         with self._lock:
             if self._embedder is None:
-                from cfic.retrieval.embedder import get_embedder
-
                 from cfic.errors import ModelLoadError
+                from cfic.retrieval.embedder import get_embedder
 
                 model = self.manifest.get("embedding_model_path")
                 if model is not None and not Path(model).is_dir():

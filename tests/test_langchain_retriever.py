@@ -9,13 +9,13 @@ import asyncio
 import threading
 
 import pytest
-from cfic.retrieval.embedder import get_embedder
-from cfic.retrieval.index import CorpusIndex
-from cfic.retrieval.langchain import CFICCompressor, CFICRetriever
 from langchain_core.documents import Document as LCDocument
 from langchain_core.runnables import RunnableLambda, RunnableParallel, RunnablePassthrough
 
 from cfic.errors import CficError
+from cfic.retrieval.embedder import get_embedder
+from cfic.retrieval.index import CorpusIndex
+from cfic.retrieval.langchain import CFICCompressor, CFICRetriever
 
 CORPUS = [
     {"id": "normans", "text": "The Normans came from Normandy in northern France.\nIn 1066 William the Conqueror "

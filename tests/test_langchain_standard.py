@@ -7,10 +7,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from langchain_tests.integration_tests import RetrieversIntegrationTests
+
 from cfic.retrieval.embedder import get_embedder
 from cfic.retrieval.index import CorpusIndex
 from cfic.retrieval.langchain import CFICRetriever
-from langchain_tests.integration_tests import RetrieversIntegrationTests
 
 CORPUS = [
     {"id": "normans", "text": "The Normans came from Normandy in northern France. In 1066 William the Conqueror "

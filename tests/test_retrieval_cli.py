@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
-from cfic.retrieval.cli import index_app
-from cfic.retrieval.index import IndexNotFoundError
 from typer.testing import CliRunner
 
 from cfic.errors import CficError, DocumentReadError
+from cfic.retrieval.cli import index_app
+from cfic.retrieval.index import IndexNotFoundError
 
 runner = CliRunner()
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from cfic.errors import CficError, EmptyDocumentError, EmptyQueryError, ModelLoadError
 from cfic.retrieval.embedder import DEFAULT_EMBEDDING_MODEL, get_embedder
 from cfic.retrieval.index import (
     MANIFEST,
@@ -20,8 +22,6 @@ from cfic.retrieval.index import (
     IndexNotFoundError,
     split_passages,
 )
-
-from cfic.errors import CficError, EmptyDocumentError, EmptyQueryError, ModelLoadError
 
 CORPUS = [
     {"id": "normans", "text": "The Normans came from Normandy in northern France. In 1066 William the Conqueror "

@@ -1,0 +1,129 @@
+"""``cfic serve``: load the model once, then serve the REST API with uvicorn.
+
+Module imports stay light (typer, stdlib): the cfic CLI imports this to list its commands, and ``--help`` must
+not load torch. ``python -m cfic.api.cli`` runs the same command on its own (the load test uses that)."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+log = logging.getLogger("cfic.api")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve_command(
+    host: Annotated[str, typer.Option("--host", help="Address to listen on. Keep the loopback default unless the "
+                                                     "server sits behind something that needs it elsewhere.")]
+    = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="TCP port.")] = 8000,
+    index: Annotated[Path | None, typer.Option(
+        "--index", help="A corpus index folder (`cfic index add`): requests may then omit `documents`.")] = None,
+    model: Annotated[str | None, typer.Option(
+        "--model", help="Local HF model folder or .gguf file (default: the packaged SmolLM2-135M-Instruct).")]
+    = None,
+    device: Annotated[str | None, typer.Option("--device", help="cpu or cuda (default: cuda when available).")]
+    = None,
+    dtype: Annotated[str | None, typer.Option("--dtype", help="float32, bfloat16 or float16 (default: by "
+                                                              "device).")] = None,
+    adapter: Annotated[str | None, typer.Option("--adapter", help="A PEFT LoRA adapter folder to apply.")] = None,
+    no_adapter: Annotated[bool, typer.Option("--no-adapter", help="Do not apply the bundled CFIC adapter.")]
+    = False,
+    api_key: Annotated[str | None, typer.Option(
+        "--api-key", envvar="CFIC_API_KEY", show_default=False,
+        help="Require 'Authorization: Bearer <key>' on /ground and /stats. Prefer the CFIC_API_KEY environment "
+             "variable: a command-line argument is visible to other users of the machine.")] = None,
+    max_queue: Annotated[int, typer.Option("--max-queue", min=1, help="Requests that may wait for the model; "
+                                                                      "more get 503 + Retry-After.")] = 32,
+    max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Waiting requests taken together in one "
+                                                                      "worker turn.")] = 8,
+    timeout: Annotated[float, typer.Option("--timeout", min=0.001, help="Seconds per request, queue wait "
+                                                                        "included (504 beyond).")] = 60.0,
+    cache_bytes: Annotated[str, typer.Option("--cache-bytes", help="Memory for cached document encodings (KV), "
+                                                                   "e.g. 512MiB, 2GiB; 0 disables.")] = "1GiB",
+    max_request_bytes: Annotated[str, typer.Option("--max-request-bytes", help="Largest request body (413 "
+                                                                               "beyond).")] = "2MiB",
+    max_documents: Annotated[int, typer.Option("--max-documents", min=1, help="Documents per request (413 "
+                                                                              "beyond).")] = 16,
+    max_document_chars: Annotated[int, typer.Option("--max-document-chars", min=1, help="Characters per "
+                                                                                        "document (413 beyond).")]
+    = 100_000,
+    log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "info",
+) -> None:
+    """Serve POST /ground (verbatim evidence), GET /healthz, /readyz, /docs. The model is loaded once."""
+    from cfic.api.settings import ServiceSettings, parse_size
+    from cfic.errors import CficError
+
+    if adapter and no_adapter:
+        raise CficError("--adapter and --no-adapter exclude each other")
+    level = log_level.lower()
+    if level not in ("debug", "info", "warning", "error"):
+        raise CficError(f"unknown log level {log_level!r}; use debug, info, warning or error")
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("cfic").setLevel(level.upper())  # also when the cfic CLI configured logging first
+    settings = ServiceSettings(
+        max_request_bytes=parse_size(max_request_bytes), max_documents=max_documents,
+        max_document_chars=max_document_chars, max_queue=max_queue, max_batch=max_batch, timeout_s=timeout,
+        cache_bytes=parse_size(cache_bytes), api_key=api_key or None,
+    )
+    if not _is_loopback(host) and settings.api_key is None:
+        log.warning("listening on %s without an API key: anyone who can reach this address can use the model",
+                    host)
+
+    import uvicorn
+
+    from cfic.api.app import create_app
+    from cfic.grounder import Grounder
+
+    corpus = None
+    if index is not None:
+        from cfic.retrieval.index import CorpusIndex
+
+        corpus = CorpusIndex.open(index, device=device)
+        _ = corpus.embedder  # load the embedding model now, not on the first request
+        log.info("index %s: %d documents", index, len(corpus))
+    grounder = Grounder.from_pretrained(model, device=device, dtype=dtype,
+                                        adapter=None if no_adapter else (adapter or "auto"))
+    log.info("model %s loaded on %s (%s)", grounder.model_name, grounder.loaded.device, grounder.loaded.dtype)
+    app = create_app(grounder, index=corpus, settings=settings)
+    # uvicorn's access log is off: the app logs one line per request with its request id (and never headers).
+    uvicorn.run(app, host=host, port=port, log_level=level, access_log=False, timeout_graceful_shutdown=10)
+
+
+def main() -> None:
+    """``python -m cfic.api.cli``: the serve command alone, with the cfic CLI's error convention."""
+    from cfic.errors import CficError
+
+    app = typer.Typer(add_completion=False)
+    app.command()(serve_command)
+    try:
+        app(standalone_mode=False)
+    except CficError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except (typer.Exit, typer.Abort) as exc:
+        sys.exit(getattr(exc, "exit_code", 1))
+    except Exception as exc:  # click usage errors in non-standalone mode
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

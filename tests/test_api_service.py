@@ -1,0 +1,436 @@
+"""The REST service over the tiny random model: verbatim evidence, the encoding cache, limits, errors, auth,
+the bounded queue, timeouts and micro-batching. No part of cfic is mocked; where a test needs the model to be
+busy, a gate delays the real grounder's calls without changing what they do."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from cfic.api.app import create_app
+from cfic.api.settings import ServiceSettings
+from cfic.errors import ModelLoadError
+
+DOCS = [
+    {"id": "normans", "text": "The Normans conquered England in 1066. They built many castles across the land.\n"
+                              "William was crowned at Westminster on Christmas Day."},
+    {"id": "unicode", "text": "Café crème costs €3 in Zürich. 東京は日本の首都です。 Emoji 🎉🇫🇷 are code points too.\n"
+                              "Ångström wrote about light; naïve readers don't see the accents."},
+]
+
+
+def assert_verbatim(body: dict, documents: list[dict]) -> None:
+    for ev in body["evidence"]:
+        doc = documents[ev["document_index"]]
+        assert ev["text"] == doc["text"][ev["start_char"]:ev["end_char"]]
+        assert ev["document_id"] == doc.get("id", str(ev["document_index"]))
+        assert ev["text"].strip() == ev["text"] and ev["text"]
+        assert 0.0 <= ev["score"] <= 1.0
+
+
+@pytest.fixture
+def client(tiny_grounder):
+    with TestClient(create_app(tiny_grounder)) as c:
+        yield c
+
+
+class Gate:
+    """Wraps the real grounder; ``encode`` waits until the test opens the gate (to make the worker busy)."""
+
+    def __init__(self, grounder):
+        self._g = grounder
+        self.entered = threading.Event()
+        self.opened = threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self._g, name)
+
+    def encode(self, documents, **kw):
+        self.entered.set()
+        if not self.opened.wait(30):
+            raise RuntimeError("gate never opened")
+        return self._g.encode(documents, **kw)
+
+
+def doc_about(n: int) -> dict:
+    return {"id": f"d{n}", "text": f"Document number {n} talks about item {n}. It has a second sentence about {n}."}
+
+
+async def wait_until(predicate, seconds: float = 20.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        await asyncio.sleep(0.01)
+
+
+# ------------------------------------------------------------------------------------------------ happy path
+def test_ground_returns_verbatim_evidence_and_the_second_request_hits_the_cache(client):
+    body = {"query": "When did the Normans conquer England?", "documents": DOCS}
+    first = client.post("/ground", json=body)
+    assert first.status_code == 200, first.text
+    data = first.json()
+    assert data["evidence"] and not data["no_evidence"]
+    assert_verbatim(data, DOCS)
+    assert data["usage"]["cached_tokens"] == 0
+    assert data["usage"]["input_tokens"] > 0
+    assert first.headers["x-request-id"] == data["request_id"]
+
+    second = client.post("/ground", json=body).json()
+    assert second["usage"]["cached_tokens"] > 0
+    assert second["usage"]["stages_ms"]["encode_ms"] == 0
+    assert second["request_id"] != data["request_id"]
+    # Reusing the cached encoding must not change the answer.
+    assert second["evidence"] == data["evidence"]
+    stats = client.get("/stats").json()
+    assert stats["cache"]["entries"] == 2 and stats["cache"]["hits"] >= 2
+
+
+def test_same_text_under_another_id_reuses_the_encoding_but_reports_the_new_id(client):
+    text = DOCS[0]["text"]
+    client.post("/ground", json={"query": "Who was crowned?", "documents": [{"id": "first", "text": text}]})
+    again = client.post("/ground", json={"query": "Who was crowned?", "documents": [
+        {"text": "Unrelated filler sentence. Another one."}, {"id": "second", "text": text}]}).json()
+    assert again["usage"]["cached_tokens"] > 0
+    ids = {ev["document_index"]: ev["document_id"] for ev in again["evidence"]}
+    assert ids.get(1, "second") == "second" and ids.get(0, "0") == "0"
+    assert_verbatim(again, [{"id": "0", "text": "Unrelated filler sentence. Another one."},
+                            {"id": "second", "text": text}])
+
+
+def test_options_are_honoured(client):
+    body = {"query": "castles", "documents": DOCS, "top_k": 1}
+    data = client.post("/ground", json=body).json()
+    assert len(data["evidence"]) <= 1
+    none = client.post("/ground", json={**body, "top_k": 3, "threshold": 1.0}).json()
+    assert none["no_evidence"] is True and none["evidence"] == []
+
+
+def test_client_supplied_request_ids_are_echoed_when_sane(client):
+    r = client.post("/ground", json={"query": "q?", "documents": DOCS[:1]}, headers={"X-Request-ID": "abc-123"})
+    assert r.json()["request_id"] == "abc-123" == r.headers["x-request-id"]
+    r = client.get("/healthz", headers={"X-Request-ID": "bad id with spaces"})
+    assert r.headers["x-request-id"] != "bad id with spaces"
+
+
+def test_probes_and_generated_docs(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["model"] == "tiny-llama"
+    schema = client.get("/openapi.json").json()
+    assert set(schema["paths"]) >= {"/ground", "/healthz", "/readyz"}
+    req = schema["components"]["schemas"]["GroundRequest"]
+    assert req["properties"]["query"]["description"]
+    assert "code points" in schema["components"]["schemas"]["GroundResponse"]["description"]
+    assert client.get("/docs").status_code == 200
+
+
+def test_the_span_budget_is_bounded_by_the_grounders_own_configuration(client, tiny_grounder):
+    """Windows are planned for the grounder's budget: a request may lower it, not raise it, and the schema says so."""
+    cfg = tiny_grounder.config
+    prop = client.get("/openapi.json").json()["components"]["schemas"]["GroundRequest"]["properties"]
+    bounds = prop["max_span_tokens"]["anyOf"][0]
+    assert (bounds["minimum"], bounds["maximum"]) == (cfg.max_sentence_tokens, cfg.max_span_tokens)
+    body = {"query": "castles?", "documents": DOCS[:1]}
+    assert client.post("/ground", json={**body, "max_span_tokens": cfg.max_span_tokens + 1}).status_code == 422
+    assert client.post("/ground", json={**body, "max_span_tokens": cfg.max_sentence_tokens - 1}).status_code == 422
+    ok = client.post("/ground", json={**body, "max_span_tokens": cfg.max_sentence_tokens})
+    assert ok.status_code == 200, ok.text
+
+
+# ------------------------------------------------------------------------------------------------ client errors
+@pytest.mark.parametrize(("payload", "status"), [
+    ({}, 422),
+    ({"query": ""}, 422),
+    ({"query": "q", "documents": []}, 422),
+    ({"query": "q", "documents": [{"text": ""}]}, 422),
+    ({"query": "q", "documents": [{"text": "   \n "}]}, 422),  # rejected by the core (CficError)
+    ({"query": "   ", "documents": DOCS}, 422),  # rejected by the core (EmptyQueryError)
+    ({"query": "q", "documents": DOCS, "surprise": 1}, 422),
+    ({"query": "q", "documents": [{"text": "t", "title": "x"}]}, 422),
+    ({"query": "q", "documents": DOCS, "top_k": 0}, 422),
+    ({"query": "q", "documents": DOCS, "top_k": "3"}, 422),
+    ({"query": "q", "documents": DOCS, "threshold": 1.5}, 422),
+    ({"query": "q", "documents": DOCS, "max_span_tokens": 10}, 422),  # below max_sentence_tokens: core refuses
+    ({"query": "q", "documents": "a plain string"}, 422),
+    ({"query": "q"}, 422),  # no documents and no index
+    ([1, 2, 3], 422),
+])
+def test_bad_requests_get_4xx_json_with_a_message(client, payload, status):
+    r = client.post("/ground", json=payload)
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert body["error"] and body["message"] and body["request_id"] == r.headers["x-request-id"]
+
+
+def test_malformed_json_and_lone_surrogates(client):
+    r = client.post("/ground", content=b'{"query": "q", "documents": [', headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"] == "bad_request"
+    raw = b'{"query": "q\\ud800", "documents": [{"text": "Some text."}]}'
+    r = client.post("/ground", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["message"].startswith("query")
+    r = client.post("/ground", content=b"query=q", headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 422
+
+
+def test_unknown_routes_and_methods_are_json(client):
+    r = client.get("/nope")
+    assert r.status_code == 404 and r.json()["error"] == "not_found"
+    r = client.get("/ground")
+    assert r.status_code == 405 and r.json()["error"] == "method_not_allowed"
+
+
+# ------------------------------------------------------------------------------------------------ limits
+def test_limits_answer_413_with_a_clear_message(tiny_grounder):
+    settings = ServiceSettings(max_request_bytes=4000, max_documents=2, max_document_chars=300, max_query_chars=50)
+    with TestClient(create_app(tiny_grounder, settings=settings)) as c:
+        cases = [
+            ({"query": "q", "documents": [{"text": "word " * 1000}]}, "bytes"),
+            ({"query": "q", "documents": [{"text": "a."}] * 3}, "documents"),
+            ({"query": "q", "documents": [{"text": "long sentence. " * 30}]}, "documents.0.text"),
+            ({"query": "why " * 20, "documents": [{"text": "a."}]}, "query"),
+        ]
+        for payload, word in cases:
+            r = c.post("/ground", json=payload)
+            assert r.status_code == 413, r.text
+            assert r.json()["error"] == "payload_too_large" and word in r.json()["message"]
+        # A body streamed without Content-Length is counted as it arrives.
+        big = json.dumps({"query": "q", "documents": [{"text": "x" * 5000}]}).encode()
+        r = c.post("/ground", content=iter([big[i:i + 512] for i in range(0, len(big), 512)]),
+                   headers={"content-type": "application/json"})
+        assert r.status_code == 413
+        # A lying Content-Length is refused, not trusted.
+        r = c.post("/ground", content=b"{}", headers={"content-type": "application/json", "content-length": "-5"})
+        assert r.status_code in (400, 413)
+        ok = c.post("/ground", json={"query": "q", "documents": [{"text": "Short. Fine."}]})
+        assert ok.status_code == 200
+
+
+def test_body_limit_holds_at_the_asgi_level_for_chunked_bodies(tiny_grounder):
+    """Drive the app with raw ASGI messages: no Content-Length, the body in chunks past the limit."""
+    app = create_app(tiny_grounder, settings=ServiceSettings(max_request_bytes=1000))
+    chunks = [b'{"query": "q", "documents": [{"text": "'] + [b"y" * 400] * 5 + [b'"}]}']
+    sent: list[dict] = []
+    read = 0
+
+    async def receive():
+        nonlocal read
+        if read < len(chunks):
+            read += 1
+            return {"type": "http.request", "body": chunks[read - 1], "more_body": read < len(chunks)}
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/ground", "raw_path": b"/ground", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json"), (b"transfer-encoding", b"chunked")],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80), "state": {}}
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["status"] == 413
+    assert read < len(chunks), "the middleware must stop reading once the limit is passed"
+    assert json.loads(sent[1]["body"])["error"] == "payload_too_large"
+
+
+# ------------------------------------------------------------------------------------------------ auth
+def test_api_key_is_required_compared_and_never_logged(tiny_grounder, caplog):
+    key = "k3y-Sup3r-S3cret-value"
+    caplog.set_level(logging.DEBUG)
+    with TestClient(create_app(tiny_grounder, settings=ServiceSettings(api_key=key))) as c:
+        body = {"query": "q?", "documents": DOCS[:1]}
+        r = c.post("/ground", json=body)
+        assert r.status_code == 401 and r.json()["error"] == "unauthorized"
+        assert r.headers["www-authenticate"].startswith("Bearer")
+        for header in (f"Bearer {key}x", f"Basic {key}", "Bearer", key, "Bearer ünïcode"):
+            r = c.post("/ground", json=body, headers={"Authorization": header.encode("utf-8")})
+            assert r.status_code == 401, header
+        # Unauthenticated requests are refused before the body is looked at: even malformed JSON gets 401.
+        assert c.post("/ground", content=b"{not json", headers={"content-type": "application/json"}).status_code \
+            == 401
+        ok = c.post("/ground", json=body, headers={"Authorization": f"Bearer {key}"})
+        assert ok.status_code == 200, ok.text
+        assert c.post("/ground", json=body, headers={"authorization": f"bearer {key}"}).status_code == 200
+        assert c.get("/stats").status_code == 401
+        assert c.get("/healthz").status_code == 200 and c.get("/readyz").status_code == 200
+        schema = c.get("/openapi.json").json()
+        assert schema["components"]["securitySchemes"]
+    assert any("/ground" in rec.getMessage() for rec in caplog.records), "request logging did not run"
+    assert key not in caplog.text
+    assert all(key not in str(rec.args) for rec in caplog.records)
+
+
+# ------------------------------------------------------------------------------------------------ readiness
+def test_readyz_reports_loading_then_ready(tiny_grounder):
+    release = threading.Event()
+
+    def loader():
+        release.wait(30)
+        return tiny_grounder
+
+    with TestClient(create_app(loader)) as c:
+        assert c.get("/healthz").status_code == 200
+        r = c.get("/readyz")
+        assert r.status_code == 503 and r.json()["status"] == "loading"
+        r = c.post("/ground", json={"query": "q", "documents": DOCS[:1]})
+        assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1
+        release.set()
+        deadline = time.monotonic() + 30
+        while c.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert c.post("/ground", json={"query": "q", "documents": DOCS[:1]}).status_code == 200
+
+
+def test_readyz_reports_a_failed_load(tiny_grounder):
+    def loader():
+        raise ModelLoadError("no such model folder")
+
+    with TestClient(create_app(loader)) as c:
+        deadline = time.monotonic() + 30
+        while c.get("/readyz").json()["status"] == "loading":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        r = c.get("/readyz")
+        assert r.status_code == 503 and r.json()["status"] == "failed"
+        assert "no such model folder" in r.json()["detail"]
+        assert c.get("/healthz").status_code == 200
+        assert c.post("/ground", json={"query": "q", "documents": DOCS[:1]}).status_code == 503
+
+
+# ------------------------------------------------------------------------------------------------ load and faults
+async def test_full_queue_answers_503_with_retry_after_and_recovers(tiny_grounder):
+    gate = Gate(tiny_grounder)
+    app = create_app(gate, settings=ServiceSettings(max_queue=1, max_batch=1))
+    worker = app.state.worker
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        busy = asyncio.create_task(c.post("/ground", json={"query": "q", "documents": [doc_about(1)]}))
+        await asyncio.to_thread(gate.entered.wait, 20)  # the worker is now inside encode, holding request 1
+        waiting = asyncio.create_task(c.post("/ground", json={"query": "q", "documents": [doc_about(2)]}))
+        await wait_until(lambda: worker.queue_depth == 1)
+        refused = await c.post("/ground", json={"query": "q", "documents": [doc_about(3)]})
+        assert refused.status_code == 503
+        assert refused.json()["error"] == "overloaded"
+        assert int(refused.headers["retry-after"]) >= 1
+        gate.opened.set()
+        first, second = await busy, await waiting
+        assert first.status_code == 200 and second.status_code == 200
+        assert (await c.post("/ground", json={"query": "q", "documents": [doc_about(3)]})).status_code == 200
+        stats = (await c.get("/stats")).json()
+        assert stats["rejected"] == 1 and stats["queue_depth"] == 0
+    worker.stop()
+
+
+async def test_a_request_past_its_deadline_gets_504_and_the_server_goes_on(tiny_grounder):
+    gate = Gate(tiny_grounder)
+    app = create_app(gate, settings=ServiceSettings(timeout_s=2.0))
+    worker = app.state.worker
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        r = await c.post("/ground", json={"query": "q", "documents": [doc_about(1)]})
+        assert r.status_code == 504 and r.json()["error"] == "timeout"
+        gate.opened.set()
+        # The worker finishes the encoding it had started, caches it, and skips the abandoned grounding.
+        await wait_until(lambda: worker.stats.skipped == 1)
+        assert worker.stats.processed == 0 and worker.stats.timed_out == 1
+        retry = await c.post("/ground", json={"query": "q", "documents": [doc_about(1)]})
+        assert retry.status_code == 200, retry.text
+        assert retry.json()["usage"]["cached_tokens"] > 0
+    worker.stop()
+
+
+async def test_waiting_requests_are_micro_batched_and_share_a_new_documents_prefill(tiny_grounder):
+    gate = Gate(tiny_grounder)
+    app = create_app(gate, settings=ServiceSettings(max_queue=16, max_batch=8))
+    worker = app.state.worker
+    shared = doc_about(7)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        blocker = asyncio.create_task(c.post("/ground", json={"query": "q", "documents": [doc_about(0)]}))
+        await asyncio.to_thread(gate.entered.wait, 20)
+        queries = ["What is item 7?", "Which document is this?", "What does the second sentence say?"]
+        tasks = [asyncio.create_task(c.post("/ground", json={"query": q, "documents": [shared]})) for q in queries]
+        await wait_until(lambda: worker.queue_depth == len(queries))
+        gate.opened.set()
+        assert (await blocker).status_code == 200
+        results = [(await t).json() for t in tasks]
+    worker.stop()
+    assert worker.stats.max_batch_seen == len(queries)
+    cached = sorted(r["usage"]["cached_tokens"] for r in results)
+    # One request paid the prefill of the shared document; the others reused it within the same worker turn.
+    assert cached[0] == 0 and all(c > 0 for c in cached[1:])
+    for r in results:
+        assert_verbatim(r, [shared])
+    assert app.state.cache.stats().misses == 2  # doc 0 and doc 7, each looked up once
+
+
+async def test_one_bad_document_in_a_batch_fails_only_its_own_request(tiny_grounder):
+    gate = Gate(tiny_grounder)
+    app = create_app(gate)
+    worker = app.state.worker
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        blocker = asyncio.create_task(c.post("/ground", json={"query": "q", "documents": [doc_about(0)]}))
+        await asyncio.to_thread(gate.entered.wait, 20)
+        # The bad request comes first and also holds the document the good one needs.
+        bad = asyncio.create_task(c.post("/ground", json={"query": "q", "documents": [doc_about(1),
+                                                                                       {"text": " \t "}]}))
+        await wait_until(lambda: worker.queue_depth == 1)
+        good = asyncio.create_task(c.post("/ground", json={"query": "q", "documents": [doc_about(1)]}))
+        await wait_until(lambda: worker.queue_depth == 2)
+        gate.opened.set()
+        await blocker
+        good_r, bad_r = await good, await bad
+    worker.stop()
+    assert good_r.status_code == 200, good_r.text
+    assert good_r.json()["usage"]["cached_tokens"] == 0  # it paid for the shared document after all
+    assert bad_r.status_code == 422 and "empty" in bad_r.json()["message"]
+
+
+async def test_work_that_cannot_start_before_its_deadline_is_refused_up_front(tiny_grounder):
+    gate = Gate(tiny_grounder)
+    app = create_app(gate, settings=ServiceSettings(timeout_s=0.8, max_queue=32))
+    worker = app.state.worker
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        blocker = asyncio.create_task(c.post("/ground", json={"query": "q", "documents": [doc_about(1)]}))
+        await asyncio.to_thread(gate.entered.wait, 20)
+        queued = asyncio.create_task(c.post("/ground", json={"query": "q", "documents": [doc_about(2)]}))
+        await wait_until(lambda: worker.queue_depth == 1)
+        # The queue is far from full, but one job already waits and the worker has no estimate below its 1 s
+        # default: this request could not start within its 0.8 s, so it is refused now instead of timing out.
+        refused = await c.post("/ground", json={"query": "q", "documents": [doc_about(3)]})
+        assert refused.status_code == 503 and "expected wait" in refused.json()["message"]
+        assert int(refused.headers["retry-after"]) >= 1
+        assert (await queued).status_code == 504
+        gate.opened.set()
+        assert (await blocker).status_code == 504
+    worker.stop()
+
+
+async def test_a_timed_out_request_frees_its_place_in_the_queue(tiny_grounder):
+    gate = Gate(tiny_grounder)
+    app = create_app(gate, settings=ServiceSettings(timeout_s=1.0, max_queue=1, max_batch=1))
+    worker = app.state.worker
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        blocker = asyncio.create_task(c.post("/ground", json={"query": "q", "documents": [doc_about(1)]}))
+        await asyncio.to_thread(gate.entered.wait, 20)
+        queued = await c.post("/ground", json={"query": "q", "documents": [doc_about(2)]})  # fills the queue...
+        assert queued.status_code == 504  # ...and gives up while the worker is still busy
+        assert worker.queue_depth == 0 and worker.stats.skipped == 1
+        late = asyncio.create_task(c.post("/ground", json={"query": "q", "documents": [doc_about(3)]}))
+        await wait_until(lambda: worker.queue_depth == 1)  # admitted: the dead request no longer holds the place
+        gate.opened.set()
+        await blocker
+        assert (await late).status_code != 503
+        assert worker.stats.rejected == 0
+    worker.stop()
