@@ -29,6 +29,17 @@ ModelOpt = Annotated[str | None, typer.Option("--model", help="Local HF folder o
                                                                 "SmolLM2-135M-Instruct).")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="cpu or cuda (default: cuda when available).")]
 DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="float32, bfloat16 or float16 (default: per device).")]
+AdapterOpt = Annotated[str | None, typer.Option("--adapter", help="A PEFT LoRA adapter folder to apply.")]
+NoAdapterOpt = Annotated[bool, typer.Option("--no-adapter", help="Do not apply the bundled CFIC adapter.")]
+
+
+def adapter_choice(adapter: str | None, no_adapter: bool) -> str | None:
+    """What ``load_model(adapter=...)`` gets from the two CLI flags."""
+    if no_adapter and adapter:
+        raise CficError("--adapter and --no-adapter exclude each other")
+    if no_adapter:
+        return None
+    return adapter or "auto"
 
 
 def read_document(path: str) -> tuple[str, str]:
@@ -70,6 +81,8 @@ def ground(
     model: ModelOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
+    adapter: AdapterOpt = None,
+    no_adapter: NoAdapterOpt = False,
 ) -> None:
     """Print verbatim evidence for QUERY from FILES."""
     if files.count("-") > 1:
@@ -80,7 +93,8 @@ def ground(
     from cfic.grounder import Grounder
 
     options = {"max_sentence_tokens": min(96, max_span_tokens)}
-    grounder = Grounder.from_pretrained(model, device=device, dtype=dtype, **options)
+    grounder = Grounder.from_pretrained(model, device=device, dtype=dtype, adapter=adapter_choice(adapter, no_adapter),
+                                        **options)
     result = grounder.ground(query, documents, top_k=top_k, max_span_tokens=max_span_tokens, threshold=threshold)
     if json_out:
         out = result.to_dict()
@@ -108,10 +122,18 @@ def ground(
 
 
 def _register_components() -> None:
-    """Commands that live with their components (kept importable without torch)."""
+    """Commands that live with their components (their modules import without torch)."""
+    from cfic.api.cli import serve_command
     from cfic.bench import bench_command
+    from cfic.eval.cli import evaluate_command
+    from cfic.retrieval.cli import index_app
+    from cfic.train import train_command
 
+    app.add_typer(index_app, name="index", help="A faiss index of whole documents: add, search, info, remove.")
+    app.command("serve")(serve_command)
+    app.command("evaluate")(evaluate_command)
     app.command("bench")(bench_command)
+    app.command("train")(train_command)
 
 
 def _framework_exceptions() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
@@ -130,8 +152,27 @@ def _framework_exceptions() -> tuple[tuple[type, ...], tuple[type, ...], tuple[t
     return tuple(usage), tuple(exits), tuple(aborts)
 
 
+def _quiet_libraries() -> None:
+    """Our own messages only: no per-tensor progress bars or library warnings on the terminal."""
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("cfic").setLevel(logging.INFO)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> None:
     _register_components()
+    _quiet_libraries()
     usage_errors, exits, aborts = _framework_exceptions()
     try:
         rv = app(args=argv, prog_name="cfic", standalone_mode=False)

@@ -1,0 +1,55 @@
+"""``cfic evaluate``: the lead wires :func:`evaluate_command` into ``cfic.cli``. Module imports stay light."""
+
+from __future__ import annotations
+
+import shlex
+from typing import Annotated
+
+import typer
+
+DATASET_HELP = "nq (default), hotpotqa, squad or nq-long."
+METHODS_HELP = ("Comma-separated: cfic, cfic-no-skip, embedding, bm25, generate, full-document, random "
+                "(default: all).")
+
+
+def _command_line(**options: object) -> str:
+    """The command as a user would type it (recorded in the report so a table can be reproduced)."""
+    parts = ["cfic", "evaluate"]
+    for name, value in options.items():
+        if value is not None:
+            parts += [f"--{name.replace('_', '-')}", shlex.quote(str(value))]
+    return " ".join(parts)
+
+
+def evaluate_command(
+    dataset: Annotated[str, typer.Option("--dataset", help=DATASET_HELP)] = "nq",
+    data_file: Annotated[str | None, typer.Option(
+        "--data-file", help="Your own NQ-format file (nq-open-oracle .jsonl or .jsonl.gz); documents are "
+                            "built from its own passages.")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", help="Evaluate the first N examples.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Gold passage positions and the random baseline.")] = 0,
+    methods: Annotated[str | None, typer.Option("--methods", help=METHODS_HELP)] = None,
+    out: Annotated[str | None, typer.Option("--out", help="Report folder (default: runs/eval-DATASET).")] = None,
+    model: Annotated[str | None, typer.Option(
+        "--model", help="Local HF folder or .gguf file (default: packaged SmolLM2-135M-Instruct).")] = None,
+    k: Annotated[int | None, typer.Option("--k", help="Passages per NQ document (default 20).")] = None,
+    threshold: Annotated[float | None, typer.Option(
+        "--threshold", help="cfic's score threshold (0..1): below it cfic returns no evidence.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+) -> None:
+    """Measure cfic and every baseline on the same documents; write report.json, report.md and a plot."""
+    from cfic.errors import CficError
+
+    if limit is not None and limit < 1:
+        raise CficError(f"--limit must be at least 1, got {limit}")
+    from cfic.eval.report import PLOT_NAME, markdown_table
+    from cfic.eval.runner import evaluate
+
+    out = out or f"runs/eval-{dataset}"
+    command = _command_line(dataset=dataset, data_file=data_file, limit=limit, seed=seed, methods=methods,
+                            out=out, model=model, k=k, threshold=threshold)
+    report = evaluate(dataset, data_file=data_file, limit=limit, seed=seed, methods=methods, out=out,
+                      model=model, k=k, threshold=threshold, progress=not quiet, command=command)
+    typer.echo(markdown_table(report))
+    typer.echo(f"\nwrote {out}/report.json, {out}/report.md, {out}/{PLOT_NAME} "
+               f"({report['n']} examples, {report['wall_seconds']:.0f} s)")

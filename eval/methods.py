@@ -1,0 +1,379 @@
+"""The methods compared by ``cfic evaluate``, all run on the same documents in the same process.
+
+Each method turns (question, documents) into evidence :class:`~cfic.eval.metrics.Span` objects so that
+:mod:`cfic.eval.metrics` can check verbatim-ness and score every method the same way.
+
+* ``cfic`` — the full pipeline (``Grounder.ground``), and ``cfic-no-skip`` — the same with
+  ``skip_decoding=False`` (after the prefix picks the start sentence, greedy token-by-token decoding under
+  the document constraint until end-of-evidence). Both reuse one encoding per document.
+* ``embedding`` — all-MiniLM-L6-v2 cosine between the question and each sentence, top sentences (LangChain's
+  ``EmbeddingsFilter`` idea).
+* ``bm25`` — BM25 (``bm25s``) between the question and each sentence, top sentences.
+* ``generate`` — the same LM, prompted to copy the relevant parts of the document word for word (LangChain's
+  ``LLMChainExtractor`` idea), greedy decoding. Each output line is looked up as an exact substring of the
+  document; lines that are not found stay in the evidence (they count for answer recall and tokens) but have
+  no position, so they earn no sentence credit and make the example non-verbatim. Before the lookup, list
+  bullets and wrapping quotes are stripped from a line (formatting, not content). A document that does not
+  fit the model's context next to the prompt is cut to its leading whole sentences (counted in
+  ``truncated``).
+* ``full-document`` — the whole document (an upper bound on recall, the cost of not grounding at all).
+* ``random`` — sentences drawn uniformly at random (seeded per example).
+
+Fair budget: the sentence-picking baselines (embedding, bm25, random) return, on each example, as many
+sentences as cfic returned on that example (counted in cfic's own sentence units, which the baselines share:
+the same splitter with the same token cap). When cfic is not in the run, or returned nothing on an example,
+they return ``DEFAULT_BUDGET`` sentences. ``generate`` may write up to cfic's evidence tokens plus 32 new
+tokens (128 without cfic; never more than ``generate_max_tokens``, 512 by default); within that, its length
+is up to the model.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from cfic.errors import CficError
+from cfic.eval.datasets import Example
+from cfic.eval.metrics import Span, locate
+from cfic.text import Sentence, split_sentences
+
+METHOD_NAMES = ("cfic", "cfic-no-skip", "embedding", "bm25", "generate", "full-document", "random")
+DEFAULT_BUDGET = 3
+GENERATE_SLACK_TOKENS = 32
+GENERATE_DEFAULT_TOKENS = 128
+GENERATE_MAX_TOKENS = 512
+NO_OUTPUT = "NO_OUTPUT"
+
+GENERATE_PROMPT = (
+    "Below is a document and a question. Copy, exactly as written, the sentences of the document that are "
+    "relevant to the question, one per line. Do not reword, summarise or add anything. If nothing in the "
+    "document is relevant, reply " + NO_OUTPUT + ".\n\nDocument:\n{document}\n\nQuestion: {question}\n\n"
+    "Relevant sentences:"
+)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much evidence a baseline may return on one example."""
+
+    sentences: int = DEFAULT_BUDGET
+    tokens: int | None = None
+
+
+@dataclass
+class MethodOutput:
+    spans: list[Span]
+    no_evidence: bool = False
+    stages: dict[str, float] = field(default_factory=dict)
+    sentences: int = 0  # sentences chosen, in cfic's units (sets the budget when the method is cfic)
+    truncated: bool = False
+
+
+class EvalContext:
+    """What the methods share: the LM (loaded once, only when a method needs it), its tokenizer, the embedder
+    and a cache of sentence splits."""
+
+    def __init__(self, model: str | None = None, grounder: Any = None, seed: int = 0) -> None:
+        self.model = model
+        self.seed = seed
+        self._grounder = grounder
+        self._tokenizer = grounder.tokenizer if grounder is not None else None
+        self._embedder = None
+        self._sentences: dict[str, list[Sentence]] = {}
+
+    @property
+    def grounder(self) -> Any:
+        if self._grounder is None:
+            from cfic.grounder import Grounder
+
+            self._grounder = Grounder.from_pretrained(self.model)
+            self._tokenizer = self._grounder.tokenizer
+        return self._grounder
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            from cfic.models import resolve_model_path
+
+            folder, _, _ = resolve_model_path(self.model)
+            self._tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        return self._tokenizer
+
+    @property
+    def model_name(self) -> str:
+        if self._grounder is not None:
+            return self._grounder.model_name
+        from cfic.models import resolve_model_path
+
+        return resolve_model_path(self.model)[1]
+
+    @property
+    def embedder(self) -> Any:
+        if self._embedder is None:
+            from cfic.retrieval.embedder import Embedder
+
+            self._embedder = Embedder(device="cpu")
+        return self._embedder
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        if not texts:
+            return []
+        return [len(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+    def split(self, text: str) -> list[Sentence]:
+        """cfic's sentence units for ``text`` (the grounder's own splitter, or the same call without it)."""
+        if text not in self._sentences:
+            if len(self._sentences) > 64:
+                self._sentences.clear()
+            if self._grounder is not None:
+                self._sentences[text] = self._grounder.split(text)
+            else:
+                from cfic.config import GroundingConfig
+
+                cfg = GroundingConfig()
+                self._sentences[text] = split_sentences(text, language=cfg.language,
+                                                        max_tokens=cfg.max_sentence_tokens,
+                                                        count_tokens=self.count_tokens)
+        return self._sentences[text]
+
+
+class Method:
+    """A way to pick evidence. ``prepare`` does the per-document work (it is cached and amortised over the
+    examples that share the documents); ``run`` answers one question."""
+
+    name = ""
+    needs_lm = False
+    needs_embedder = False
+    state_key: str | None = None  # methods with the same key share prepared state (cfic and cfic-no-skip)
+
+    def prepare(self, ctx: EvalContext, documents: Sequence[str]) -> Any:
+        return None
+
+    def run(self, ctx: EvalContext, example: Example, state: Any, budget: Budget) -> MethodOutput:
+        raise NotImplementedError
+
+
+class CficMethod(Method):
+    needs_lm = True
+    state_key = "cfic-encoding"
+
+    def __init__(self, name: str, skip_decoding: bool, threshold: float | None = None) -> None:
+        self.name = name
+        self.skip_decoding = skip_decoding
+        self.threshold = threshold
+
+    def prepare(self, ctx: EvalContext, documents: Sequence[str]) -> Any:
+        return ctx.grounder.encode(list(documents))
+
+    def run(self, ctx: EvalContext, example: Example, state: Any, budget: Budget) -> MethodOutput:
+        result = ctx.grounder.ground(example.question, state, skip_decoding=self.skip_decoding,
+                                     threshold=self.threshold)
+        spans = [Span(e.document_index, e.start_char, e.end_char, e.text) for e in result.evidence]
+        chosen = {(e.document_index, i) for e in result.evidence
+                  for i in range(e.sentence_start, e.sentence_end)}
+        stages = {"prefix_ms": result.usage.prefix_ms, "skip_ms": result.usage.skip_ms}
+        return MethodOutput(spans, result.no_evidence, stages, len(chosen))
+
+
+@dataclass
+class _Units:
+    """Every sentence of every document, in cfic's sentence units."""
+
+    doc: list[int]
+    sentences: list[Sentence]
+
+    @classmethod
+    def of(cls, ctx: EvalContext, documents: Sequence[str]) -> _Units:
+        doc, sentences = [], []
+        for d, text in enumerate(documents):
+            for s in ctx.split(text):
+                doc.append(d)
+                sentences.append(s)
+        return cls(doc, sentences)
+
+    def spans(self, indices: Sequence[int]) -> list[Span]:
+        return [Span(self.doc[i], self.sentences[i].start, self.sentences[i].end, self.sentences[i].text)
+                for i in indices]
+
+
+def _top(scores: np.ndarray, n: int) -> list[int]:
+    """Indices of the ``n`` best scores, best first; ties go to the earlier sentence (a stable sort)."""
+    return [int(i) for i in np.argsort(-scores, kind="stable")[:n]]
+
+
+class BM25Method(Method):
+    name = "bm25"
+
+    def prepare(self, ctx: EvalContext, documents: Sequence[str]) -> Any:
+        from cfic.eval.bm25 import BM25
+
+        units = _Units.of(ctx, documents)
+        return units, BM25([s.text for s in units.sentences])
+
+    def run(self, ctx: EvalContext, example: Example, state: Any, budget: Budget) -> MethodOutput:
+        units, bm25 = state
+        picked = _top(bm25.scores(example.question), budget.sentences)
+        return MethodOutput(units.spans(picked), sentences=len(picked))
+
+
+class EmbeddingMethod(Method):
+    name = "embedding"
+    needs_embedder = True
+
+    def prepare(self, ctx: EvalContext, documents: Sequence[str]) -> Any:
+        units = _Units.of(ctx, documents)
+        return units, ctx.embedder.embed([s.text for s in units.sentences])
+
+    def run(self, ctx: EvalContext, example: Example, state: Any, budget: Budget) -> MethodOutput:
+        units, vectors = state
+        query = ctx.embedder.embed_query(example.question)
+        picked = _top(vectors @ query, budget.sentences)
+        return MethodOutput(units.spans(picked), sentences=len(picked))
+
+
+class RandomMethod(Method):
+    name = "random"
+
+    def prepare(self, ctx: EvalContext, documents: Sequence[str]) -> Any:
+        return _Units.of(ctx, documents)
+
+    def run(self, ctx: EvalContext, example: Example, state: Any, budget: Budget) -> MethodOutput:
+        units: _Units = state
+        rng = random.Random(f"{ctx.seed}:{example.id}:random")
+        picked = sorted(rng.sample(range(len(units.sentences)), min(budget.sentences, len(units.sentences))))
+        return MethodOutput(units.spans(picked), sentences=len(picked))
+
+
+class FullDocumentMethod(Method):
+    name = "full-document"
+
+    def run(self, ctx: EvalContext, example: Example, state: Any, budget: Budget) -> MethodOutput:
+        spans = [Span(d, 0, len(text), text) for d, text in enumerate(example.documents)]
+        return MethodOutput(spans, sentences=sum(len(ctx.split(t)) for t in example.documents))
+
+
+_BULLET = re.compile(r"^\s*(?:[-*\u2022]\s+|\d{1,2}[.)]\s+)")
+_QUOTES = ('"', "'", "\u201c", "\u201d")
+
+
+def clean_generated_line(line: str) -> str:
+    """Strip list bullets and quotes wrapped around the whole line: formatting the model adds, not content."""
+    line = _BULLET.sub("", line.strip()).strip()
+    if len(line) >= 2 and line[0] in _QUOTES and line[-1] in _QUOTES:
+        line = line[1:-1].strip()
+    return line
+
+
+def parse_generated(text: str, documents: Sequence[str]) -> tuple[list[Span], bool]:
+    """(spans, no_evidence) from the generate baseline's output: one piece per non-empty line."""
+    text = text.strip()
+    if not text or text.upper().startswith(NO_OUTPUT):
+        return [], True
+    pieces = [clean_generated_line(line) for line in text.splitlines()]
+    spans = [locate(p, documents) for p in pieces if p and p.upper() != NO_OUTPUT]
+    return spans, not spans
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    """The model's own end tokens (generation config and tokenizer), as plain ``generate`` would use them."""
+    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [gen] if isinstance(gen, int) else list(gen or [])
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    if not ids:
+        raise CficError("generate: the model has no end-of-sequence token")
+    return list(dict.fromkeys(ids))
+
+
+class GenerateMethod(Method):
+    name = "generate"
+    needs_lm = True
+
+    def __init__(self, max_new_tokens: int = GENERATE_MAX_TOKENS) -> None:
+        self.max_new_tokens = max_new_tokens
+
+    def _fit(self, ctx: EvalContext, documents: Sequence[str], room: int) -> tuple[str, bool]:
+        """The documents joined, cut to their leading whole sentences when they exceed ``room`` tokens."""
+        text = "\n\n".join(documents)
+        if ctx.count_tokens([text])[0] <= room:
+            return text, False
+        sentences = ctx.split(text)
+        counts = np.cumsum(ctx.count_tokens([s.text for s in sentences]) or [0])
+        keep = int(np.searchsorted(counts, room, side="right"))
+        if keep == 0:
+            raise CficError("generate: not even one sentence of the document fits the model's context")
+        return text[: sentences[keep - 1].end], True
+
+    def run(self, ctx: EvalContext, example: Example, state: Any, budget: Budget) -> MethodOutput:
+        import torch
+
+        g = ctx.grounder
+        tok = g.tokenizer
+        model = g.loaded.model
+        max_new = budget.tokens + GENERATE_SLACK_TOKENS if budget.tokens else GENERATE_DEFAULT_TOKENS
+        max_new = min(max_new, self.max_new_tokens)
+
+        def prompt_for(document: str) -> str:
+            user = GENERATE_PROMPT.format(document=document, question=example.question)
+            if getattr(tok, "chat_template", None):
+                return tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                               add_generation_prompt=True)
+            return user + "\n"
+
+        overhead = ctx.count_tokens([prompt_for("")])[0] + 8
+        document, truncated = self._fit(ctx, example.documents, g.max_context - overhead - max_new)
+        ids = tok(prompt_for(document), add_special_tokens=False, return_tensors="pt")
+        ids = {k: v.to(model.device) for k, v in ids.items()}
+        eos = _eos_ids(model, tok)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(**ids, max_new_tokens=max_new, do_sample=False, temperature=None, top_p=None,
+                                 top_k=None, eos_token_id=eos, pad_token_id=eos[0])
+        generate_ms = (time.perf_counter() - t0) * 1000
+        text = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        spans, no_evidence = parse_generated(text, example.documents)
+        return MethodOutput(spans, no_evidence, {"generate_ms": generate_ms}, truncated=truncated)
+
+
+def make_methods(names: Sequence[str], *, generate_max_tokens: int = GENERATE_MAX_TOKENS,
+                 threshold: float | None = None) -> list[Method]:
+    """Method objects for ``names``; ``threshold`` is cfic's score threshold (below it: no evidence)."""
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise CficError(f"--threshold must lie in [0, 1], got {threshold}")
+    factories = {
+        "cfic": lambda: CficMethod("cfic", True, threshold),
+        "cfic-no-skip": lambda: CficMethod("cfic-no-skip", False, threshold),
+        "embedding": EmbeddingMethod,
+        "bm25": BM25Method,
+        "generate": lambda: GenerateMethod(generate_max_tokens),
+        "full-document": FullDocumentMethod,
+        "random": RandomMethod,
+    }
+    out = []
+    for name in names:
+        if name not in factories:
+            raise CficError(f"unknown method {name!r}; choose from {', '.join(METHOD_NAMES)}")
+        out.append(factories[name]())
+    return out
+
+
+def parse_methods(value: str | Sequence[str] | None) -> list[str]:
+    """``"a,b"`` or a list -> validated method names in the given order, duplicates dropped; None -> all."""
+    if value is None:
+        return list(METHOD_NAMES)
+    items = value.split(",") if isinstance(value, str) else list(value)
+    names = [n.strip() for n in items if n.strip()]
+    if not names:
+        raise CficError(f"--methods is empty; choose from {', '.join(METHOD_NAMES)}")
+    for name in names:
+        if name not in METHOD_NAMES:
+            raise CficError(f"unknown method {name!r}; choose from {', '.join(METHOD_NAMES)}")
+    return list(dict.fromkeys(names))

@@ -1,0 +1,99 @@
+"""Baselines of cfic.eval on tiny documents: budgets, seeding, verbatim offsets, the generate output parser."""
+
+from __future__ import annotations
+
+import pytest
+
+from cfic.errors import CficError
+from cfic.eval.datasets import Example
+from cfic.eval.methods import (
+    METHOD_NAMES,
+    BM25Method,
+    Budget,
+    EmbeddingMethod,
+    EvalContext,
+    FullDocumentMethod,
+    RandomMethod,
+    clean_generated_line,
+    make_methods,
+    parse_generated,
+    parse_methods,
+)
+from cfic.eval.metrics import is_verbatim
+
+DOC = (
+    "Title: Kitchen\nThe kettle boils water for tea. The oven bakes bread every morning. "
+    "A fridge keeps the milk cold.\n\nTitle: Garden\nTomatoes ripen in late summer. "
+    "The gardener waters the roses at dawn. Bees visit the lavender all day."
+)
+EXAMPLE = Example("ex-1", "Which appliance bakes bread?", ("oven",), (DOC,), ())
+
+
+@pytest.fixture(scope="module")
+def ctx(tiny_grounder):
+    return EvalContext(grounder=tiny_grounder, seed=7)
+
+
+def run(method, ctx, example=EXAMPLE, budget=None):
+    return method.run(ctx, example, method.prepare(ctx, example.documents), budget or Budget(2))
+
+
+def test_bm25_picks_the_matching_sentence_within_budget(ctx):
+    out = run(BM25Method(), ctx, budget=Budget(1))
+    assert [s.text for s in out.spans] == ["The oven bakes bread every morning."]
+    out = run(BM25Method(), ctx, budget=Budget(3))
+    assert len(out.spans) == 3 and out.sentences == 3
+    assert all(is_verbatim(s, EXAMPLE.documents) for s in out.spans)
+
+
+def test_embedding_ranks_by_meaning(ctx):
+    example = Example("ex-2", "Which insects like purple flowers?", ("lavender",), (DOC,), ())
+    out = run(EmbeddingMethod(), ctx, example, Budget(1))
+    assert [s.text for s in out.spans] == ["Bees visit the lavender all day."]
+    assert is_verbatim(out.spans[0], example.documents)
+
+
+def test_random_is_seeded_and_respects_budget(ctx, tiny_grounder):
+    first = run(RandomMethod(), ctx, budget=Budget(3))
+    again = run(RandomMethod(), ctx, budget=Budget(3))
+    assert first.spans == again.spans and len(first.spans) == 3
+    other_seeds = [run(RandomMethod(), EvalContext(grounder=tiny_grounder, seed=s), budget=Budget(3)).spans
+                   for s in range(8)]
+    assert any(spans != first.spans for spans in other_seeds)
+    everything = run(RandomMethod(), ctx, budget=Budget(100))
+    assert len(everything.spans) == len(ctx.split(DOC))
+
+
+def test_full_document_is_the_whole_text(ctx):
+    out = run(FullDocumentMethod(), ctx)
+    assert [s.text for s in out.spans] == [DOC] and is_verbatim(out.spans[0], [DOC])
+
+
+def test_baselines_share_cfic_sentence_units(ctx, tiny_grounder):
+    assert ctx.split(DOC) == tiny_grounder.split(DOC)
+    no_model = EvalContext(model=None)
+    no_model._tokenizer = tiny_grounder.tokenizer  # the same tokenizer, without loading any model
+    assert no_model.split(DOC) == tiny_grounder.split(DOC)
+
+
+def test_generate_output_parser_checks_verbatim():
+    spans, none = parse_generated("- The oven bakes bread every morning.\n\n\"A fridge keeps the milk cold.\"", [DOC])
+    assert not none and [s.text for s in spans] == ["The oven bakes bread every morning.",
+                                                    "A fridge keeps the milk cold."]
+    assert all(is_verbatim(s, [DOC]) for s in spans)
+    spans, none = parse_generated("The oven is used to bake bread.", [DOC])
+    assert not none and len(spans) == 1 and not spans[0].located
+    assert parse_generated("NO_OUTPUT", [DOC]) == ([], True)
+    assert parse_generated("  \n ", [DOC]) == ([], True)
+    assert clean_generated_line("  2. 'Tomatoes ripen in late summer.' ") == "Tomatoes ripen in late summer."
+
+
+def test_method_names_are_validated():
+    assert parse_methods(None) == list(METHOD_NAMES)
+    assert parse_methods("bm25, random,bm25") == ["bm25", "random"]
+    with pytest.raises(CficError, match="unknown method 'tfidf'"):
+        parse_methods("bm25,tfidf")
+    with pytest.raises(CficError, match="empty"):
+        parse_methods(" , ")
+    with pytest.raises(CficError, match="unknown method"):
+        make_methods(["nope"])

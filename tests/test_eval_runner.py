@@ -1,0 +1,112 @@
+"""`evaluate` end to end on a tiny NQ-format file with the tiny model: every method, the report files, the
+evidence budget, reproducibility, and errors for bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import typer
+from test_eval_datasets import TOPICS, record  # tests/ is on sys.path (rootdir-relative imports)
+from typer.testing import CliRunner
+
+from cfic.errors import CficError
+from cfic.eval.cli import evaluate_command
+from cfic.eval.methods import METHOD_NAMES
+from cfic.eval.runner import evaluate
+
+TIMING = ("latency_ms", "encode_ms", "prefix_ms", "skip_ms", "generate_ms", "wall_seconds")
+
+
+@pytest.fixture
+def nq_file(tmp_path):
+    path = tmp_path / "mini.jsonl"
+    path.write_text("".join(json.dumps(record(*t)) + "\n" for t in TOPICS[:5]))
+    return path
+
+
+@pytest.fixture(scope="module")
+def small_grounder(tiny_loaded):
+    """The tiny model with a short span budget: the token-by-token ablation stays quick."""
+    from cfic.config import GroundingConfig
+    from cfic.grounder import Grounder
+
+    return Grounder(tiny_loaded, GroundingConfig(max_span_tokens=32, max_sentence_tokens=32))
+
+
+def without_timing(obj):
+    if isinstance(obj, dict):
+        return {k: without_timing(v) for k, v in obj.items() if not k.startswith(TIMING)}
+    return obj
+
+
+def test_every_method_on_the_same_documents_writes_the_report(nq_file, tmp_path, small_grounder):
+    out = tmp_path / "report"
+    report = evaluate("nq", data_file=nq_file, k=3, limit=3, seed=1, out=out, grounder=small_grounder,
+                      progress=False, generate_max_tokens=12)
+    assert report["n"] == 3 and report["seed"] == 1 and report["model"] == small_grounder.model_name
+    assert list(report["methods"]) == list(METHOD_NAMES)
+    for name, row in report["methods"].items():
+        for key in ("answer_recall", "sentence_f1", "evidence_tokens", "compression", "verbatim_rate",
+                    "latency_ms_p50", "latency_ms_p95"):
+            assert key in row, (name, key)
+        assert row["n"] == 3
+    assert report["methods"]["cfic"]["verbatim_rate"] == 1.0
+    assert report["methods"]["cfic-no-skip"]["verbatim_rate"] == 1.0
+    assert report["methods"]["full-document"]["answer_recall"] == 1.0
+    assert report["methods"]["full-document"]["compression"] == 1.0
+    assert {"encode_ms_p50", "prefix_ms_p50", "skip_ms_p50"} <= set(report["methods"]["cfic"])
+    assert json.loads((out / "report.json").read_text()) == report
+    table = (out / "report.md").read_text()
+    assert all(f"`{name}`" in table for name in METHOD_NAMES)
+    assert (out / "recall_vs_tokens.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # The sentence baselines got cfic's budget on every example.
+    rows = [json.loads(line) for line in (out / "examples.jsonl").read_text().splitlines()]
+    by = {(r["method"], r["example_id"]): r for r in rows}
+    for (method, ex_id), r in by.items():
+        if method in ("bm25", "embedding", "random"):
+            cfic = by[("cfic", ex_id)]
+            assert r["evidence_sentences"] == cfic["evidence_sentences"] or cfic["evidence_sentences"] == 0
+
+
+def test_same_seed_same_numbers(nq_file, tiny_grounder):
+    kwargs = dict(data_file=nq_file, k=3, methods="cfic,bm25,random", grounder=tiny_grounder, progress=False)
+    first = evaluate("nq", seed=5, **kwargs)
+    assert without_timing(first) == without_timing(evaluate("nq", seed=5, **kwargs))
+
+
+def test_without_cfic_baselines_use_the_default_budget(nq_file, tiny_grounder):
+    report = evaluate("nq", data_file=nq_file, k=4, methods="bm25,random", grounder=tiny_grounder,
+                      progress=False)
+    assert report["methods"]["bm25"]["evidence_sentences"] == pytest.approx(3.0)
+    assert "3 sentences" in report["budget"]
+
+
+def test_bad_input_is_a_clear_error(nq_file, tmp_path, tiny_grounder):
+    with pytest.raises(CficError, match="unknown dataset"):
+        evaluate("imagenet", grounder=tiny_grounder)
+    with pytest.raises(CficError, match="unknown method 'magic'"):
+        evaluate("nq", methods="cfic,magic", grounder=tiny_grounder)
+    with pytest.raises(CficError, match="--limit"):
+        evaluate("nq", limit=0, grounder=tiny_grounder)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(nq_file.read_text() + "[1, 2]\n")
+    with pytest.raises(CficError, match=r"bad\.jsonl:6: expected a JSON object"):
+        evaluate("nq", data_file=bad, grounder=tiny_grounder)
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    with pytest.raises(CficError, match="not a directory"):
+        evaluate("nq", data_file=nq_file, out=a_file, grounder=tiny_grounder)
+
+
+def test_cli_command_rejects_bad_options_before_loading_anything(tmp_path):
+    app = typer.Typer()
+    app.command()(evaluate_command)
+    runner = CliRunner()
+    for args, message in ((["--limit", "0"], "--limit"), (["--dataset", "nope"], "unknown dataset"),
+                          (["--methods", "bm25,nope"], "unknown method"),
+                          (["--data-file", str(tmp_path / "missing.jsonl")], "does not exist")):
+        result = runner.invoke(app, [*args, "--out", str(tmp_path / "o")])
+        assert isinstance(result.exception, CficError), args
+        assert message in str(result.exception)

@@ -1,0 +1,79 @@
+"""LoRA training: items match inference prompts, the loss covers the evidence only, checkpoints resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cfic.eval.datasets import Example
+from cfic.text import Sentence
+from cfic.train import TrainSettings, build_items, gold_runs, item_tensors, train
+
+DOC = "Alpha is first. Beta is second. Gamma is third.\nDelta is fourth. Epsilon is fifth."
+
+
+def test_gold_runs_group_consecutive_sentences():
+    sents = [Sentence(0, 5, "a"), Sentence(6, 10, "b"), Sentence(11, 15, "c"), Sentence(16, 20, "d")]
+    assert gold_runs(sents, [(0, 3), (7, 8), (17, 19)]) == [(0, 2), (3, 4)]
+    assert gold_runs(sents, []) == []
+
+
+def test_items_use_the_inference_prompt_and_decoder_tokenisation(tiny_grounder):
+    g = tiny_grounder
+    start = DOC.index("Beta")
+    end = DOC.index("Gamma is third.") + len("Gamma is third.")
+    ex = Example("x", "Which is second?", ("Beta",), (DOC,), ((0, start, end),))
+    no = Example("y", "Which is sixth?", (), (DOC,), (), answerable=False)
+    items = build_items(g.tokenizer, g.template, g.config, [ex, no], "test", max_prompt_tokens=10_000)
+    assert len(items) == 2
+    enc = g.encode([DOC])[0]
+    q_ids = g.template.query_ids(g.tokenizer, ex.question, g.config.max_query_tokens)
+    expected_prompt = list(g.template.head_ids) + [t for seg in enc.segment_ids for t in seg] + q_ids
+    assert list(items[0].prompt_ids) == expected_prompt
+    # evidence = sentence 1 as emitted at an answer start + sentence 2 as in the document, then end-of-evidence
+    assert list(items[0].target_ids) == list(enc.answer_ids[1]) + list(enc.segment_ids[2]) + [g.template.eos_ids[0]]
+    assert list(items[1].target_ids) == [g.template.eos_ids[0]]
+    ids, labels = item_tensors(items[0])
+    n_prompt = len(items[0].prompt_ids)
+    assert (labels[0, :n_prompt] == -100).all()
+    assert labels[0, n_prompt:].tolist() == list(items[0].target_ids)
+    assert ids.shape == labels.shape
+
+
+def test_prompts_that_need_windowing_are_skipped(tiny_grounder):
+    g = tiny_grounder
+    ex = Example("x", "q?", ("a",), (DOC,), ((0, 0, 5),))
+    assert build_items(g.tokenizer, g.template, g.config, [ex], "t", max_prompt_tokens=10) == []
+
+
+@pytest.fixture(scope="module")
+def tiny_model_folder(tmp_path_factory, tiny_loaded):
+    folder = tmp_path_factory.mktemp("tiny-model")
+    tiny_loaded.model.save_pretrained(folder)
+    tiny_loaded.tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_train_saves_resumes_and_the_adapter_changes_the_model(tmp_path, tiny_model_folder):
+    out = tmp_path / "run"
+    base = dict(out=str(out), model=str(tiny_model_folder), batch=2, lr=5e-3, warmup=1, max_examples=6,
+                checkpoint_every=2, nq_passages=2, dtype="float32")
+    first = train(TrainSettings(steps=3, **base), progress=False)
+    assert first["steps"] == 3 and first["items"] > 0
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    resumed = train(TrainSettings(steps=5, **base), progress=False)
+    assert resumed["steps"] == 5
+    state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=False)
+    assert len(state["losses"]) == 5  # the resumed run continued the first one's loss history
+    assert json.loads((out / "summary.json").read_text())["steps"] == 5
+
+    from cfic.models import load_model
+
+    plain = load_model(tiny_model_folder, dtype="float32", adapter=None)
+    tuned = load_model(tiny_model_folder, dtype="float32", adapter=out / "adapter")
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.inference_mode():
+        assert not torch.allclose(plain.model(ids).logits, tuned.model(ids).logits)
+    assert tuned.adapter is not None and tuned.name.endswith("+adapter")
