@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -146,12 +147,27 @@ def run_core_bench(model: str | None, doc_tokens: int, n_docs: int, n_questions:
         }
     peak = {dt: matmul_gflops(getattr(torch, dt)) for dt in dtypes}
     for dt in dtypes:
-        params = sum(p.numel() for p in grounders[dt].loaded.model.parameters())
-        tokens_per_s = report["actual_doc_tokens"] / (report["configs"][dt]["encode_ms"] / 1000)
-        achieved = 2 * params * tokens_per_s / 1e9  # weight FLOPs only; attention adds a little more
-        report["configs"][dt] |= {"prefill_tokens_per_s": tokens_per_s, "prefill_gflops": achieved,
+        n = report["actual_doc_tokens"]
+        seconds = report["configs"][dt]["encode_ms"] / 1000
+        achieved = prefill_flops(grounders[dt].loaded.model, n) / seconds / 1e9
+        report["configs"][dt] |= {"prefill_tokens_per_s": n / seconds, "prefill_gflops": achieved,
                                   "matmul_peak_gflops": peak[dt], "share_of_peak": achieved / peak[dt]}
     return report
+
+
+def prefill_flops(model, n: float, layers: int | None = None, kv_only_layers: int = 0) -> float:
+    """FLOPs of a causal prefill of ``n`` tokens through ``layers`` full decoder layers (default: all), plus
+    ``kv_only_layers`` layers of which only the K/V projections run (SwiftKV): the linear layers (2 x weights per
+    token; embeddings are a lookup and the LM head does not run for a document) and causal attention
+    (QK^T and PV over n^2/2 pairs per head)."""
+    cfg = model.config
+    layer0 = model.model.layers[0]
+    full = layers if layers is not None else cfg.num_hidden_layers
+    per_layer = sum(p.numel() for name, p in layer0.named_parameters() if p.dim() == 2)
+    kv = layer0.self_attn.k_proj.weight.numel() + layer0.self_attn.v_proj.weight.numel()
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    attention = 2 * 2 * (n * n / 2) * head_dim * cfg.num_attention_heads
+    return full * (2 * per_layer * n + attention) + kv_only_layers * 2 * kv * n
 
 
 def _print_report(report: dict[str, Any]) -> None:
@@ -190,18 +206,63 @@ def bench_command(
     dtypes: Annotated[str, typer.Option("--dtypes", help="Comma list of dtypes to compare.")] = "float32,bfloat16",
     load: Annotated[bool, typer.Option("--load/--no-load", help="Also time model loading cold vs cached.")] = True,
     out: Annotated[Path | None, typer.Option("--out", help="Also write the JSON report here.")] = None,
+    core: Annotated[bool, typer.Option("--core/--no-core", help="Cold vs warm, dtypes and model load.")] = True,
+    accel: Annotated[bool, typer.Option("--accel/--no-accel", help="SwiftKV and layer skipping vs the full "
+                                                                    "model.")] = True,
+    accel_dtype: Annotated[str | None, typer.Option("--accel-dtype", help="dtype of the acceleration runs "
+                                                                          "(default: the device default).")] = None,
+    swiftkv: Annotated[list[str] | None, typer.Option("--swiftkv", help="Distilled SwiftKV parameters to include "
+                                                                        "(repeatable; the bundled ones are "
+                                                                        "always included).")] = None,
+    layer_skip: Annotated[int, typer.Option("--layer-skip", min=0, help="Layers SkipDecode skips at the end of "
+                                                                        "the budget (0: leave it out).")] = 6,
+    recall_examples: Annotated[int, typer.Option("--recall-examples", min=0, help="NQ evaluation examples for "
+                                                                                   "answer recall (0: none).")] = 40,
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="torch threads (default: torch's).")] = None,
+    markdown: Annotated[Path | None, typer.Option("--markdown", help="Also write the acceleration table as "
+                                                                     "Markdown here.")] = None,
 ) -> None:
-    """Measure cold vs warm grounding, decoding overhead, dtypes and model load, side by side."""
+    """Measure cold vs warm grounding, decoding overhead, dtypes and model load, and the accelerations (SwiftKV,
+    AcrossKV, layer skipping) against the full model, side by side."""
     from cfic.errors import CficError
 
     names = [d.strip() for d in dtypes.split(",") if d.strip()]
-    if not names or any(d not in ("float32", "bfloat16", "float16") for d in names):
+    allowed = ("float32", "bfloat16", "float16")
+    if not names or any(d not in allowed for d in names):
         raise CficError(f"--dtypes takes float32, bfloat16 and/or float16, got {dtypes!r}")
-    report = run_core_bench(model, doc_tokens, documents, questions, rounds, names, load)
+    if accel_dtype is not None and accel_dtype not in allowed:
+        raise CficError(f"--accel-dtype takes float32, bfloat16 or float16, got {accel_dtype!r}")
+    if not core and not accel:
+        raise CficError("--no-core and --no-accel leave nothing to measure")
+    for path in swiftkv or []:
+        if not Path(path).is_file():
+            raise CficError(f"--swiftkv {path}: no such file")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    report: dict[str, Any] = {"command": " ".join(["cfic", *sys.argv[1:]])}
+    if core:
+        report |= run_core_bench(model, doc_tokens, documents, questions, rounds, names, load)
+    if accel:
+        from cfic.bench_accel import run_accel_bench
+
+        report["acceleration"] = run_accel_bench(model, accel_dtype, doc_tokens, documents, questions, rounds,
+                                                 list(swiftkv or []), layer_skip, recall_examples)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2))
+    if markdown is not None and accel:
+        from cfic.bench_accel import accel_markdown
+
+        markdown.parent.mkdir(parents=True, exist_ok=True)
+        markdown.write_text(f"Command: `{report['command']}`\n\n" + accel_markdown(report["acceleration"]))
     if json_out:
         typer.echo(json.dumps(report, indent=2))
-    else:
+        return
+    if core:
         _print_report(report)
+    if accel:
+        from cfic.bench_accel import print_accel_report
+
+        print_accel_report(report["acceleration"])

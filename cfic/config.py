@@ -25,6 +25,16 @@ class GroundingConfig:
     ``threshold``: spans scoring below it are dropped; when none remain the result says ``no_evidence``.
     ``max_context_tokens``: defaults to the model's own context length.
     ``encode_batch_tokens``: documents of similar length are prefilled together up to this many padded tokens.
+
+    Acceleration (all off by default; ``cfic bench`` measures each against the full model):
+    ``swiftkv_layer``: SwiftKV SingleInputKV from this layer on — the K/V of layers ``>= swiftkv_layer`` come from
+    that layer's input, and those layers run only for tokens whose outputs are read (never for the document). Without
+    distilled parameters (``Grounder.from_pretrained(swiftkv=...)``) the model's own projections are used.
+    ``swiftkv_group``: AcrossKV, one K/V per group of this many SwiftKV layers (less KV memory per token).
+    ``layer_skip``: SkipDecode — answer tokens skip up to this many layers above the first ``layer_skip_warmup``
+    (always run), growing linearly with their offset into the answer up to ``max_span_tokens``. (Skipping the
+    layers right after the first one changed the chosen span end far more often in our measurements than skipping
+    from layer 4 on, hence the default warm-up.)
     """
 
     top_k: int = 3
@@ -38,6 +48,10 @@ class GroundingConfig:
     encode_batch_tokens: int = 8192
     language: str = "en"
     instruction: str = field(default=DEFAULT_INSTRUCTION)
+    swiftkv_layer: int | None = None
+    swiftkv_group: int = 1
+    layer_skip: int = 0
+    layer_skip_warmup: int = 4
 
     def __post_init__(self) -> None:
         positive = ("top_k", "max_span_tokens", "max_sentence_tokens", "max_query_tokens", "max_prefix_tokens",
@@ -52,6 +66,15 @@ class GroundingConfig:
             raise CficError(f"threshold must lie in [0, 1], got {self.threshold!r}")
         if self.window_overlap_tokens is not None and self.window_overlap_tokens < 0:
             raise CficError("window_overlap_tokens must be >= 0")
+        layer = self.swiftkv_layer
+        if layer is not None and (not isinstance(layer, int) or isinstance(layer, bool) or layer < 1):
+            raise CficError(f"swiftkv_layer must be a positive integer, got {self.swiftkv_layer!r}")
+        if not isinstance(self.swiftkv_group, int) or isinstance(self.swiftkv_group, bool) or self.swiftkv_group < 1:
+            raise CficError(f"swiftkv_group must be a positive integer, got {self.swiftkv_group!r}")
+        for name in ("layer_skip", "layer_skip_warmup"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise CficError(f"{name} must be a non-negative integer, got {value!r}")
 
     @property
     def overlap_tokens(self) -> int:
@@ -66,4 +89,4 @@ class GroundingConfig:
     def encoding_key(self) -> tuple:
         """The fields that change a document's encoding (for caches keyed by configuration)."""
         return (self.max_span_tokens, self.max_sentence_tokens, self.max_query_tokens, self.overlap_tokens,
-                self.max_context_tokens, self.language, self.instruction)
+                self.max_context_tokens, self.language, self.instruction, self.swiftkv_layer, self.swiftkv_group)

@@ -14,15 +14,25 @@ import torch
 
 from cfic.config import GroundingConfig
 from cfic.decoding.encode import DocumentEncoding, PromptTemplate, encode_documents, encode_question
+from cfic.decoding.layerskip import LayerSkip
 from cfic.decoding.prefix import constrained_prefix_search
 from cfic.decoding.runner import LayerRunner
 from cfic.decoding.skip import SpanEnd, candidates, greedy_span_end, skip_decode_span_end
+from cfic.decoding.swiftkv import SwiftKV
 from cfic.errors import CficError
 from cfic.models import LoadedModel, load_model
 from cfic.text import Sentence, split_sentences
 from cfic.types import Document, Evidence, GroundingResult, Usage
 
 DocumentInput = str | dict[str, Any] | Document | DocumentEncoding
+
+
+def bundled_swiftkv(model_name: str) -> str | None:
+    """The distilled SwiftKV parameters shipped for ``model_name`` (``cfic/data/swiftkv-<name>.safetensors``)."""
+    from importlib import resources
+
+    path = resources.files("cfic").joinpath(f"data/swiftkv-{model_name}.safetensors")
+    return str(path) if path.is_file() else None
 
 
 @dataclass(frozen=True)
@@ -55,18 +65,44 @@ class Grounder:
     >>> g.ground("Who wrote it?", ["Some long text ..."])  # doctest: +SKIP
     """
 
-    def __init__(self, loaded: LoadedModel, config: GroundingConfig | None = None):
+    def __init__(self, loaded: LoadedModel, config: GroundingConfig | None = None, swiftkv: SwiftKV | None = None):
         self.loaded = loaded
-        self.config = config or GroundingConfig()
+        config = config or GroundingConfig()
         self.tokenizer = loaded.tokenizer
-        self.runner = LayerRunner(loaded.model)
+        n_layers = len(loaded.model.model.layers) if hasattr(loaded.model, "model") else 0
+        if swiftkv is not None:
+            if config.swiftkv_layer not in (None, swiftkv.layer) or config.swiftkv_group not in (1, swiftkv.group):
+                raise CficError(f"the SwiftKV parameters are for layer {swiftkv.layer}, group {swiftkv.group}; "
+                                f"swiftkv_layer={config.swiftkv_layer}, swiftkv_group={config.swiftkv_group} differ")
+            config = config.with_options(swiftkv_layer=swiftkv.layer, swiftkv_group=swiftkv.group)
+        elif config.swiftkv_layer is not None:
+            if config.swiftkv_layer > n_layers:
+                raise CficError(f"swiftkv_layer {config.swiftkv_layer} exceeds the model's {n_layers} layers")
+            swiftkv = SwiftKV(loaded.model, config.swiftkv_layer, config.swiftkv_group)  # zero-training
+        elif config.swiftkv_group != 1:
+            raise CficError("swiftkv_group (AcrossKV) needs swiftkv_layer")
+        self.config = config
+        self.swiftkv = swiftkv
+        self.runner = LayerRunner(loaded.model, swiftkv)
+        self._layer_skip(config)  # validate the schedule against the model once
         gen = getattr(loaded.model, "generation_config", None)
         eos = getattr(gen, "eos_token_id", None)
         eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
         self.template = PromptTemplate.for_tokenizer(self.tokenizer, self.config.instruction, eos_ids)
         self.max_context = self.config.max_context_tokens or self.runner.max_positions
-        key = f"{loaded.name}|{loaded.dtype}|{self.config.encoding_key()}"
+        key = f"{loaded.name}|{loaded.dtype}|{self.config.encoding_key()}|{swiftkv.digest() if swiftkv else ''}"
         self.model_key = hashlib.sha256(key.encode()).hexdigest()[:16]
+
+    def _layer_skip(self, cfg: GroundingConfig) -> LayerSkip | None:
+        if not cfg.layer_skip:
+            return None
+        skip = LayerSkip(cfg.layer_skip, cfg.layer_skip_warmup, cfg.max_span_tokens)
+        try:
+            skip.run_matrix(torch.tensor([cfg.max_span_tokens]), self.runner.num_layers,
+                            self.swiftkv.layer if self.swiftkv is not None else None)
+        except ValueError as exc:
+            raise CficError(str(exc)) from exc
+        return skip
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -77,15 +113,32 @@ class Grounder:
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         adapter: str | os.PathLike | None = "auto",
+        swiftkv: str | os.PathLike | SwiftKV | None = None,
         **options: Any,
     ) -> Grounder:
         """Load ``model`` (default: the packaged SmolLM2-135M-Instruct) with GroundingConfig ``options``.
 
         ``adapter="auto"`` applies the bundled CFIC adapter to the default model when it is shipped; ``None``
         turns it off; a path applies that PEFT adapter.
+        ``swiftkv``: distilled SwiftKV parameters (a file written by ``cfic distill-swiftkv``, or ``"bundled"`` for
+        the ones shipped with cfic for the default model); their layer and group set ``swiftkv_layer`` and
+        ``swiftkv_group``. Without it, ``swiftkv_layer=...`` runs zero-training SwiftKV.
         """
         config = GroundingConfig().with_options(**options)
-        return cls(load_model(model, device=device, dtype=dtype, adapter=adapter), config)
+        loaded = load_model(model, device=device, dtype=dtype, adapter=adapter)
+        params = None
+        if isinstance(swiftkv, SwiftKV):
+            params = swiftkv
+        elif swiftkv is not None:
+            path = bundled_swiftkv(loaded.name) if str(swiftkv) == "bundled" else swiftkv
+            if path is None:
+                raise CficError(f"no bundled SwiftKV parameters for {loaded.name}; pass a file from "
+                                "cfic distill-swiftkv")
+            try:
+                params = SwiftKV.load(path, loaded.model)
+            except ValueError as exc:
+                raise CficError(str(exc)) from exc
+        return cls(loaded, config, params)
 
     @property
     def model_name(self) -> str:
@@ -207,6 +260,7 @@ class Grounder:
         spans: list[_Span] = []
         room = cfg.top_k * (cfg.max_prefix_tokens + 1)
         find_end = skip_decode_span_end if skip_decoding else greedy_span_end
+        layer_skip = self._layer_skip(cfg)
         for d, enc in enumerate(encodings):
             doc_spans: list[_Span] = []
             for window in enc.windows:
@@ -214,11 +268,12 @@ class Grounder:
                 cache, first = encode_question(self.runner, window, query_ids, room)
                 shared = cache.length
                 prefixes = constrained_prefix_search(self.runner, cache, first, window.trie, cfg.top_k,
-                                                     cfg.max_prefix_tokens)
+                                                     cfg.max_prefix_tokens, layer_skip)
                 t1 = time.perf_counter()
                 starts = candidates(prefixes)
                 ends: list[SpanEnd] = find_end(self.runner, cache, starts, enc.answer_ids, enc.segment_ids,
-                                              window.last, cfg.max_span_tokens, self.template.eos_ids, shared)
+                                              window.last, cfg.max_span_tokens, self.template.eos_ids, shared,
+                                              layer_skip)
                 usage.prefix_ms += (t1 - t0) * 1000
                 usage.skip_ms += (time.perf_counter() - t1) * 1000
                 for (prefix, _), end in zip(starts, ends, strict=True):

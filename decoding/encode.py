@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from cfic.decoding.runner import KVCache, LayerRunner, prefill
-from cfic.decoding.trie import SentenceTrie
 
 from cfic.config import GroundingConfig
+from cfic.decoding.runner import KVCache, LayerRunner, prefill
+from cfic.decoding.trie import SentenceTrie
 from cfic.errors import CficError, EmptyDocumentError, EmptyQueryError, QueryTooLongError
 from cfic.text import Sentence, split_sentences
 
@@ -264,5 +264,6 @@ def encode_question(
     ids = torch.tensor([list(query_ids)], dtype=torch.long, device=runner.device)
     positions = torch.arange(start, start + ids.shape[1], device=runner.device).unsqueeze(0)
     mask = causal_extension_mask(start, ids.shape[1], runner.device)
-    hidden = forward(runner, ids, positions, cache, mask)
+    last = torch.tensor([ids.shape[1] - 1], device=runner.device)  # only the last token's output is read
+    hidden = forward(runner, ids, positions, cache, mask, outputs=last)
     return cache, torch.log_softmax(runner.logits(hidden[0, -1]), dim=-1)

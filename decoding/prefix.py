@@ -12,9 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
+
+from cfic.decoding.layerskip import LayerSkip, run_for
 from cfic.decoding.runner import KVCache, LayerRunner, TreeMask, forward
 from cfic.decoding.trie import SentenceTrie
-from torch import Tensor
 
 
 @dataclass(frozen=True)
@@ -64,11 +66,14 @@ def constrained_prefix_search(
     trie: SentenceTrie,
     top_k: int,
     max_steps: int,
+    layer_skip: LayerSkip | None = None,
 ) -> list[Prefix]:
     """Top-k constrained prefix search over ``trie`` after the question in ``cache``.
 
     ``first_logprobs``: log-probabilities of the first answer token. ``cache`` holds document + question and gets the
     decoded tokens appended (positions recorded per prefix). Returns up to ``top_k`` finished prefixes, best first.
+    ``layer_skip``: SkipDecode schedule by answer offset (every live prefix has the same length, so one step's tokens
+    share one offset).
     """
     shared = cache.length  # document + question: seen by every prefix
     masks = TreeMask(shared)
@@ -96,7 +101,7 @@ def constrained_prefix_search(
         ids = torch.tensor([[p.tokens[-1] for p in live]], dtype=torch.long, device=runner.device)
         rope = torch.tensor([[shared + len(p.tokens) - 1 for p in live]], dtype=torch.long, device=runner.device)
         cache.ensure_room(len(live))
-        hidden = forward(runner, ids, rope, cache, mask)
+        hidden = forward(runner, ids, rope, cache, mask, run=run_for(runner, layer_skip, rope, shared))
         rows = torch.log_softmax(runner.logits(hidden[0]), dim=-1)
         live = [Prefix(p.node, p.tokens, p.logprob_sum, (*p.positions, start + i), p.sentences)
                 for i, p in enumerate(live)]

@@ -1,39 +1,83 @@
 """Drive a Hugging Face decoder stack layer by layer, with a KV cache we can see and shape.
 
 Why not ``model(...)``: cfic packs several hypotheses into one sequence with a tree-shaped attention mask, chooses the
-rotary positions of every token itself, and (for acceleration) wants to run different layers for different tokens.
-So we call the model's own modules — embeddings, rotary embedding, decoder layers, final norm, LM head — in the order
-its modeling file does, and hand each attention layer a ``KVCache`` whose ``update`` writes into preallocated buffers.
+rotary positions of every token itself, and (for acceleration) runs different layers for different tokens. So we call
+the model's own modules — embeddings, rotary embedding, decoder layers, final norm, LM head — in the order its
+modeling file does, and hand each attention layer a ``KVCache`` whose ``update`` writes into preallocated buffers.
 Works for the Llama family (Llama, Qwen2/3, Mistral, SmolLM) whose decoder layers take
 ``(hidden_states, attention_mask, position_embeddings, past_key_values)``.
+
+Three ways a pass can run less than every layer for every token, all visible in ``forward``:
+
+- ``outputs``: the columns whose final hidden states the caller reads. With SwiftKV (``runner.swiftkv``) the layers
+  from the SwiftKV layer ``l`` on run for those columns only; every column's K/V for those layers is computed from
+  its layer-``l`` input by ``SwiftKV.write_kv`` (SingleInputKV), so later tokens still find them in the cache.
+- ``run``: a boolean ``[layers, columns]`` matrix (SkipDecode, built by ``decoding.layerskip``): column ``c`` runs
+  layer ``j`` only where ``run[j, c]``; a skipped layer leaves the hidden state unchanged and writes zeros as that
+  column's K/V in that layer. The schedule guarantees no column that runs layer ``j`` attends to a column that
+  skipped it, so the zeros are never read (they are only there so masked-out entries are finite).
+- the cache layout (``KVLayout``): with AcrossKV, adjacent SwiftKV layers share one K/V buffer.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+ATTENTION = "cfic_sdpa"
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """Which buffer holds each layer's K/V, and from which layer on the K/V are written by SwiftKV (the attention
+    modules of those layers only read them)."""
+
+    slots: tuple[int, ...]
+    external_from: int
+
+    @classmethod
+    def plain(cls, num_layers: int) -> KVLayout:
+        return cls(tuple(range(num_layers)), num_layers)
+
+    @classmethod
+    def swiftkv(cls, num_layers: int, layer: int, group: int) -> KVLayout:
+        """Layers below ``layer`` own their K/V; from ``layer`` on, each group of ``group`` layers shares one."""
+        slots = [*range(layer), *(layer + (j - layer) // group for j in range(layer, num_layers))]
+        return cls(tuple(slots), layer)
+
+    @property
+    def num_slots(self) -> int:
+        return (max(self.slots) + 1) if self.slots else 0
 
 
 @dataclass
 class KVCache:
-    """Preallocated keys/values, one ``[batch, kv_heads, capacity, head_dim]`` pair per layer.
+    """Preallocated keys/values, one ``[batch, kv_heads, capacity, head_dim]`` pair per buffer (``layout`` maps
+    layers to buffers; without AcrossKV one buffer per layer).
 
-    ``length`` positions are filled. A forward pass writes its new keys at ``[length, length + n)`` in every layer,
-    and ``advance(n)`` commits them once all layers ran. HF attention modules call ``update`` directly.
+    ``length`` positions are filled. A forward pass writes its new keys at ``[length, length + n)`` and
+    ``advance(n)`` commits them once all layers ran. HF attention modules call ``update`` directly; during a pass
+    ``pending`` is its token count and ``rows`` (when a layer runs for some columns only) their cache positions.
     """
 
     keys: list[Tensor]
     values: list[Tensor]
     length: int = 0
+    layout: KVLayout | None = None
+    pending: int = field(default=0, repr=False)
+    rows: Tensor | None = field(default=None, repr=False)
 
     @classmethod
     def empty(cls, runner: LayerRunner, batch: int, capacity: int) -> KVCache:
+        layout = runner.layout
         shape = (batch, runner.num_kv_heads, capacity, runner.head_dim)
-        n = runner.num_layers
         kw = {"dtype": runner.dtype, "device": runner.device}
-        return cls([torch.empty(shape, **kw) for _ in range(n)], [torch.empty(shape, **kw) for _ in range(n)])
+        n = layout.num_slots
+        return cls([torch.empty(shape, **kw) for _ in range(n)], [torch.empty(shape, **kw) for _ in range(n)],
+                   layout=layout)
 
     @property
     def capacity(self) -> int:
@@ -43,17 +87,39 @@ class KVCache:
     def batch(self) -> int:
         return self.keys[0].shape[0]
 
+    def slot(self, layer: int) -> int:
+        return layer if self.layout is None else self.layout.slots[layer]
+
+    def begin(self, n: int) -> None:
+        """Start a pass of ``n`` tokens (set by ``forward``)."""
+        if self.length + n > self.capacity:
+            raise RuntimeError(f"KV cache overflow: {self.length + n} > capacity {self.capacity}")
+        self.pending, self.rows = n, None
+
     def update(self, key: Tensor, value: Tensor, layer_idx: int, *args, **kwargs) -> tuple[Tensor, Tensor]:
-        n = key.shape[2]
+        n = self.pending or key.shape[2]
         end = self.length + n
         if end > self.capacity:
             raise RuntimeError(f"KV cache overflow: {end} > capacity {self.capacity}")
-        self.keys[layer_idx][:, :, self.length:end] = key
-        self.values[layer_idx][:, :, self.length:end] = value
-        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+        s = self.slot(layer_idx)
+        if self.layout is None or layer_idx < self.layout.external_from:
+            if self.rows is None:
+                self.keys[s][:, :, self.length:end] = key
+                self.values[s][:, :, self.length:end] = value
+            else:
+                self.keys[s].index_copy_(2, self.rows, key)
+                self.values[s].index_copy_(2, self.rows, value)
+        return self.keys[s][:, :, :end], self.values[s][:, :, :end]
+
+    def write(self, slot: int, key: Tensor, value: Tensor) -> None:
+        """Write the current pass's K/V of one buffer directly (SwiftKV)."""
+        n = key.shape[2]
+        self.keys[slot][:, :, self.length:self.length + n] = key
+        self.values[slot][:, :, self.length:self.length + n] = value
 
     def advance(self, n: int) -> None:
         self.length += n
+        self.pending, self.rows = 0, None
 
     def ensure_room(self, n: int) -> None:
         """Grow the buffers (one copy) so ``n`` more tokens fit."""
@@ -73,26 +139,68 @@ class KVCache:
             nv[:, :, : self.length] = v[row: row + 1, :, : self.length]
             keys.append(nk)
             values.append(nv)
-        return KVCache(keys, values, self.length)
+        return KVCache(keys, values, self.length, self.layout)
 
     def slice_row(self, row: int, length: int) -> KVCache:
         """Row ``row`` trimmed to ``length`` tokens, as compact contiguous tensors (for storing an encoding)."""
         keys = [k[row: row + 1, :, :length].clone() for k in self.keys]
         values = [v[row: row + 1, :, :length].clone() for v in self.values]
-        return KVCache(keys, values, length)
+        return KVCache(keys, values, length, self.layout)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+    def bytes_per_token(self) -> int:
+        """K/V bytes one cached token takes (all buffers, one batch row)."""
+        return sum(t.shape[1] * t.shape[3] * t.element_size() for t in (*self.keys, *self.values))
 
     # Methods some HF layers query on their cache object.
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.length
 
 
-class LayerRunner:
-    """The model's modules, in order. Stateless apart from references to the weights."""
+def _cfic_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, cfic_gqa=False, **kwargs):
+    """Transformers' SDPA attention, except for calls from ``LayerRunner`` with an explicit mask on CPU.
 
-    def __init__(self, model: nn.Module):
+    Those (the question, every prefix-search step, the packed teacher-forced pass) would go through ``repeat_kv``,
+    which copies the whole cached K/V of every layer at every step to expand the grouped KV heads: for a 3-token
+    decode step over a 2,600-token cache that copy costs ~10x the attention itself. SDPA's own ``enable_gqa``
+    broadcasts the KV heads without the copy. Any other call (plain ``model(...)``) is forwarded unchanged.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    if not cfic_gqa or attention_mask is None or groups == 1 or query.device.type != "cpu":
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                                         scale=scaling, enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _use_cfic_attention(model: nn.Module) -> bool:
+    """Route the model's SDPA attention through ``_cfic_sdpa`` (identical for every caller but ``LayerRunner``)."""
+    cfg = model.config
+    if getattr(cfg, "_attn_implementation", None) == ATTENTION:
+        return True
+    if getattr(cfg, "_attn_implementation", None) != "sdpa":
+        return False
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError:  # an older transformers: keep its own SDPA path
+        return False
+    AttentionInterface.register(ATTENTION, _cfic_sdpa)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+    cfg._attn_implementation = ATTENTION
+    return True
+
+
+class LayerRunner:
+    """The model's modules, in order. Stateless apart from references to the weights (and, with SwiftKV, to the
+    SwiftKV parameters: ``swiftkv``)."""
+
+    def __init__(self, model: nn.Module, swiftkv=None):
         core = getattr(model, "model", None)
         needed = ("embed_tokens", "layers", "norm", "rotary_emb")
         if core is None or not all(hasattr(core, name) for name in needed) or not hasattr(model, "lm_head"):
@@ -114,6 +222,19 @@ class LayerRunner:
         param = next(model.parameters())
         self.dtype = param.dtype
         self.device = param.device
+        self._gqa = _use_cfic_attention(model)
+        self.swiftkv = None
+        self.layout = KVLayout.plain(self.num_layers)
+        if swiftkv is not None:
+            self.set_swiftkv(swiftkv)
+
+    def set_swiftkv(self, swiftkv) -> None:
+        """Use SwiftKV (a ``decoding.swiftkv.SwiftKV``); its layers replace ours where it changes the queries."""
+        if not 0 < swiftkv.layer <= self.num_layers:
+            raise ValueError(f"the SwiftKV layer must lie in [1, {self.num_layers}], got {swiftkv.layer}")
+        self.swiftkv = swiftkv
+        self.layout = KVLayout.swiftkv(self.num_layers, swiftkv.layer, swiftkv.group)
+        self.layers = swiftkv.decoder_layers(list(self.model.model.layers))
 
     def embed(self, input_ids: Tensor) -> Tensor:
         return self.embed_tokens(input_ids)
@@ -129,8 +250,10 @@ class LayerRunner:
         cache: KVCache | None,
         mask: Tensor | None,
     ) -> Tensor:
+        extra = {"cfic_gqa": True} if self._gqa else {}
         out = self.layers[index](
-            hidden, attention_mask=mask, position_embeddings=rope, past_key_values=cache, use_cache=cache is not None
+            hidden, attention_mask=mask, position_embeddings=rope, past_key_values=cache, use_cache=cache is not None,
+            **extra,
         )
         return out[0] if isinstance(out, tuple) else out
 
@@ -145,28 +268,97 @@ def forward(
     positions: Tensor,
     cache: KVCache | None,
     mask: Tensor | None = None,
+    *,
+    outputs: Tensor | None = None,
+    run: Tensor | None = None,
+    start: int = 0,
+    hidden: Tensor | None = None,
 ) -> Tensor:
-    """Run all layers over ``input_ids`` ([batch, n]) and return the last hidden states (before the final norm).
+    """Run the layers over ``input_ids`` ([batch, n]) and return the last hidden states (before the final norm).
 
-    ``mask`` is a boolean ``[batch, 1, n, cache.length + n]`` (True = may attend) or None for plain causal attention
-    over a cache that starts empty. New keys are written into ``cache`` and committed.
+    ``mask`` is a boolean ``[batch or 1, 1, n, cache.length + n]`` (True = may attend) or None for plain causal
+    attention over a cache that starts empty. New keys are written into ``cache`` and committed.
+    ``outputs``: column indices whose hidden states are returned (None: all), in that order; with SwiftKV the layers
+    from the SwiftKV layer on run for these columns only. ``run``: optional boolean ``[num_layers, n]`` layer
+    schedule (SkipDecode); it must be consistent (see ``decoding.layerskip``).
+    ``start``/``hidden``: resume at layer ``start`` from the hidden states entering it (distillation reuses the
+    teacher's lower layers); only the cache buffers of layers ``>= start`` are written.
     """
-    hidden = runner.embed(input_ids)
-    rope = runner.position_embeddings(hidden, positions)
-    for i in range(runner.num_layers):
-        hidden = runner.run_layer(i, hidden, rope, cache, mask)
+    n = input_ids.shape[1]
+    sw = runner.swiftkv
+    if sw is not None and cache is None:
+        raise ValueError("SwiftKV needs a KV cache (the upper layers read K/V written from the layer-l input)")
+    if hidden is None:
+        if start:
+            raise ValueError("forward from a middle layer needs the hidden states entering it")
+        hidden = runner.embed(input_ids)
+    cos, sin = runner.position_embeddings(hidden, positions)
+    past = cache.length if cache is not None else 0
+    partial: list[Tensor | None] = [None] * runner.num_layers
+    if run is not None:
+        if run.shape != (runner.num_layers, n):
+            raise ValueError(f"run must be [{runner.num_layers}, {n}], got {tuple(run.shape)}")
+        for j in range(runner.num_layers):
+            if not bool(run[j].all()):
+                partial[j] = run[j].nonzero().squeeze(1).to(hidden.device)
+    narrowing = sw is not None and outputs is not None and sw.layer < runner.num_layers
+    if mask is None and any(p is not None for p in partial):
+        mask = causal_extension_mask(past, n, hidden.device)
     if cache is not None:
-        cache.advance(input_ids.shape[1])
+        cache.begin(n)
+        zeroed = set()
+        for j, rows in enumerate(partial):  # skipped columns get finite (zero) K/V: never attended, never NaN
+            s = cache.slot(j)
+            if rows is not None and j >= start and s not in zeroed:
+                cache.keys[s][:, :, past:past + n].zero_()
+                cache.values[s][:, :, past:past + n].zero_()
+                zeroed.add(s)
+    if sw is not None and start > sw.layer:
+        raise ValueError("forward cannot resume above the SwiftKV layer (its K/V come from that layer's input)")
+    for j in range(start, runner.num_layers):
+        if sw is not None and j == sw.layer:
+            sw.write_kv(cache, hidden, (cos, sin))
+            if outputs is not None:
+                if outputs.numel() == 0:
+                    break
+                hidden, cos, sin = hidden[:, outputs], cos[:, outputs], sin[:, outputs]
+                # below l a mask-free pass used is_causal (fast kernel); the narrowed rows need explicit rows
+                mask = (mask if mask is not None else causal_extension_mask(past, n, hidden.device))[:, :, outputs]
+        rows = partial[j]
+        if rows is None:
+            hidden = runner.run_layer(j, hidden, (cos, sin), cache, mask)
+            continue
+        if sw is not None and j >= sw.layer:
+            raise ValueError("a layer schedule may only skip layers below the SwiftKV layer")
+        if rows.numel() == 0:
+            continue
+        if cache is not None:
+            cache.rows = rows + past
+        out = runner.run_layer(j, hidden[:, rows], (cos[:, rows], sin[:, rows]), cache,
+                               mask[:, :, rows] if mask is not None else None)
+        if cache is not None:
+            cache.rows = None
+        hidden = hidden.index_copy(1, rows, out)
+    if cache is not None:
+        cache.advance(n)
+    if outputs is not None and not narrowing:
+        hidden = hidden[:, outputs]
     return hidden
 
 
-def prefill(runner: LayerRunner, input_ids: Tensor, capacity: int | None = None) -> KVCache:
+def prefill(runner: LayerRunner, input_ids: Tensor, capacity: int | None = None,
+            outputs: Tensor | None = None) -> KVCache:
     """Encode a batch of right-padded prompts from scratch. Causal attention means a row's padding (at its end)
-    never influences its real tokens, so no padding mask is needed; callers slice each row to its true length."""
+    never influences its real tokens, so no padding mask is needed; callers slice each row to its true length.
+
+    A document's encoding needs no outputs at all (the question pass reads the cache): with SwiftKV the layers from
+    the SwiftKV layer on are then not run for the document, only their K/V projections."""
     batch, n = input_ids.shape
     cache = KVCache.empty(runner, batch, capacity or n)
     positions = torch.arange(n, device=input_ids.device).unsqueeze(0).expand(batch, n)
-    forward(runner, input_ids, positions, cache, mask=None)
+    if outputs is None and runner.swiftkv is not None:
+        outputs = torch.zeros(0, dtype=torch.long, device=input_ids.device)
+    forward(runner, input_ids, positions, cache, mask=None, outputs=outputs)
     return cache
 
 

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from cfic.decoding.layerskip import LayerSkip, run_for
 from cfic.decoding.prefix import Prefix
 from cfic.decoding.runner import KVCache, LayerRunner, TreeMask, forward
 
@@ -70,11 +72,13 @@ def skip_decode_span_end(
     budget: int,
     eos_ids: tuple[int, ...],
     shared: int,
+    layer_skip: LayerSkip | None = None,
 ) -> list[SpanEnd]:
     """One batched teacher-forced pass; returns one ``SpanEnd`` per start, in order.
 
     ``shared``: cache length of document + question (the context every candidate sees). ``last_sentence``: the
-    window's end (exclusive) — a span never crosses it.
+    window's end (exclusive) — a span never crosses it. Only the sentence-end tokens' outputs are read, so with
+    SwiftKV the upper layers run for those tokens only; ``layer_skip`` applies a SkipDecode schedule.
     """
     if not starts:
         return []
@@ -94,12 +98,15 @@ def skip_decode_span_end(
         at += n
     mask = TreeMask(shared).build(histories, new_positions, base + total, runner.device)
     dev = runner.device
-    hidden = forward(runner, torch.tensor([ids], device=dev), torch.tensor([rope], device=dev), cache, mask)
     rows, offset = [], 0
     for c in conts:
         rows.extend(offset + b for b in c.boundaries)
         offset += len(c.tokens)
-    probs = torch.softmax(runner.logits(hidden[0, rows]), dim=-1)[:, list(eos_ids)].sum(-1).tolist()
+    rope_t = torch.tensor([rope], device=dev)
+    hidden = forward(runner, torch.tensor([ids], device=dev), rope_t, cache, mask,
+                     outputs=torch.tensor(rows, dtype=torch.long, device=dev),
+                     run=run_for(runner, layer_skip, rope_t, shared))
+    probs = torch.softmax(runner.logits(hidden[0]), dim=-1)[:, list(eos_ids)].sum(-1).tolist()
     out, k = [], 0
     for c in conts:
         p_end = tuple(probs[k: k + len(c.boundaries)])
@@ -119,6 +126,7 @@ def greedy_span_end(
     budget: int,
     eos_ids: tuple[int, ...],
     shared: int,
+    layer_skip: LayerSkip | None = None,
 ) -> list[SpanEnd]:
     """The path Skip Decoding replaces: decode token by token under the document constraint (the only allowed
     tokens are the document's next token, or end-of-evidence at a sentence boundary); stop at the first boundary
@@ -142,7 +150,7 @@ def greedy_span_end(
         mask = masks.build([histories[i] for i in live], new_positions, base + len(live), runner.device)
         ids = torch.tensor([[conts[i].tokens[step] for i in live]], device=runner.device)
         rope = torch.tensor([[shared + len(conts[i].prefix.tokens) - 1 + step for i in live]], device=runner.device)
-        hidden = forward(runner, ids, rope, cache, mask)
+        hidden = forward(runner, ids, rope, cache, mask, run=run_for(runner, layer_skip, rope, shared))
         logprobs = torch.log_softmax(runner.logits(hidden[0]), dim=-1)
         for j, i in enumerate(live):
             histories[i].append(base + j)

@@ -235,6 +235,7 @@ def aggregate(scores: Sequence[ExampleScore], *, with_no_evidence: bool) -> dict
     row: dict[str, float | int | None] = {
         "n": len(scores),
         "answer_recall": _round(_mean(s.answer_hit for s in scores)),
+        "answer_n": sum(1 for s in scores if s.answer_hit is not None),
         "sentence_precision": _round(_mean(s.precision for s in scores)),
         "sentence_recall": _round(_mean(s.recall for s in scores)),
         "sentence_f1": _round(_mean(s.f1 for s in scores)),

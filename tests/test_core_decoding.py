@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from cfic.decoding.encode import encode_question
 from cfic.decoding.prefix import constrained_prefix_search
 from cfic.decoding.skip import candidates, greedy_span_end, skip_decode_span_end

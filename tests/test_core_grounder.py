@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cfic.decoding.encode import window_bounds
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cfic import CficError, Document, GroundingConfig
+from cfic.decoding.encode import window_bounds
 from cfic.errors import EmptyDocumentError, EmptyQueryError, QueryTooLongError
 from cfic.grounder import Grounder
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import random
 
 import pytest
-from cfic.decoding.trie import SentenceTrie
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from cfic.decoding.trie import SentenceTrie
 
 token_seqs = st.lists(st.lists(st.integers(0, 6), min_size=1, max_size=6), min_size=1, max_size=12)
 

@@ -1,0 +1,75 @@
+"""SkipDecode-style layer skipping (arXiv 2307.02628) for the tokens cfic decodes or teacher-forces.
+
+Every answer token has an *offset*: its position counted from the first answer token (the prefix-search tokens and
+the skip-decoding continuation tokens; the document and the question have negative offsets and run every layer).
+The schedule skips a band of lower layers ``[warmup, warmup + skipped(offset))`` whose width grows linearly with the
+offset, from 0 at offset 0 to ``max_skip`` at ``horizon`` (the skip-decoding budget by default): one exit schedule
+per position, shared by every hypothesis in the batch, and the set of layers a token runs never grows with its
+offset.
+
+Why the cache stays consistent: a token only attends to the shared prefix (every layer ran) and to earlier tokens of
+its own hypothesis, whose offsets are smaller, so by monotonicity they ran every layer it runs: whenever it reads
+K/V of layer ``j``, those K/V were computed. In cfic's packed layout hypotheses are interleaved in one row, but the
+tree mask never lets a token see another hypothesis's tokens, and tokens at the same offset share the schedule
+whatever their place in the row. ``forward`` writes zeros as the K/V of a skipped (token, layer) pair; they sit
+only under masked-out entries. ``check_consistent`` verifies the property for a concrete mask (used by the tests).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class LayerSkip:
+    """``max_skip`` layers above the first ``warmup`` are skipped at offsets ``>= horizon``; fewer before."""
+
+    max_skip: int
+    warmup: int = 1
+    horizon: int = 256
+
+    def __post_init__(self) -> None:
+        if self.max_skip < 0 or self.warmup < 0 or self.horizon < 1:
+            raise ValueError("layer skip: max_skip and warmup must be >= 0 and horizon >= 1")
+
+    def skipped(self, offsets: Tensor) -> Tensor:
+        """Layers skipped at each offset: ``floor(max_skip * min(offset, horizon) / horizon)``, 0 for offsets < 0."""
+        return (offsets.clamp(0, self.horizon) * self.max_skip) // self.horizon
+
+    def run_matrix(self, offsets: Tensor, num_layers: int, limit: int | None = None) -> Tensor | None:
+        """Boolean ``[num_layers, n]``: which layers each token runs (None when nothing is skipped).
+
+        ``limit``: the skipped band must end at or below this layer (the SwiftKV layer; by default the top layer
+        always runs)."""
+        limit = num_layers - 1 if limit is None else limit
+        if self.warmup + self.max_skip > limit:
+            raise ValueError(f"layer skip: warmup {self.warmup} + max_skip {self.max_skip} layers must stay below "
+                             f"layer {limit}")
+        skipped = self.skipped(offsets.to(torch.long).cpu())
+        if not bool((skipped > 0).any()):
+            return None
+        layer = torch.arange(num_layers).unsqueeze(1)
+        return ~((layer >= self.warmup) & (layer < self.warmup + skipped.unsqueeze(0)))
+
+
+def check_consistent(run: Tensor, mask: Tensor, past: int) -> bool:
+    """True when no token reads K/V that were never computed: for every token ``r`` of the pass and every token
+    ``c`` of the same pass it attends to (``mask[r, past + c]``), ``c`` ran every layer ``r`` runs. (Tokens before
+    ``past`` are assumed complete.)"""
+    m = mask.reshape(mask.shape[-2], mask.shape[-1])[:, past:].to(torch.bool).cpu()
+    run = run.cpu()
+    # missing[r, c] = some layer j with run[j, r] and not run[j, c]
+    missing = (run.t().unsqueeze(1) & ~run.t().unsqueeze(0)).any(-1)
+    return not bool((m & missing).any())
+
+
+def run_for(runner, layer_skip: LayerSkip | None, rope: Tensor, shared: int) -> Tensor | None:
+    """The run matrix of a pass whose tokens sit at rotary positions ``rope`` ([1, n]) after a ``shared``-token
+    prefix (offset = position - shared); None without layer skipping."""
+    if layer_skip is None or layer_skip.max_skip == 0:
+        return None
+    limit = runner.swiftkv.layer if runner.swiftkv is not None else None
+    return layer_skip.run_matrix(rope[0] - shared, runner.num_layers, limit)
