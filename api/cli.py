@@ -62,13 +62,29 @@ def serve_command(
                                                                                         "document (413 beyond).")]
     = 100_000,
     log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "info",
+    swiftkv_layer: Annotated[int | None, typer.Option(
+        "--swiftkv-layer", help="SwiftKV SingleInputKV from layer l on (off by default; zero-training unless "
+                                "--swiftkv gives distilled parameters). Server-wide: requests cannot change it.")]
+    = None,
+    swiftkv_group: Annotated[int | None, typer.Option(
+        "--swiftkv-group", help="AcrossKV: one K/V per group of this many SwiftKV layers.")] = None,
+    swiftkv: Annotated[str | None, typer.Option(
+        "--swiftkv", help="Distilled SwiftKV parameters: a file from `cfic distill-swiftkv`, or 'bundled' "
+                          "(distilled for the default model without its adapter: use with --no-adapter).")] = None,
+    layer_skip: Annotated[int | None, typer.Option(
+        "--layer-skip", help="SkipDecode: answer tokens skip up to this many lower layers (off by default).")]
+    = None,
+    layer_skip_warmup: Annotated[int | None, typer.Option(
+        "--layer-skip-warmup", help="Layers that always run below the skipped band (default 4).")] = None,
 ) -> None:
     """Serve POST /ground (verbatim evidence), GET /healthz, /readyz, /docs. The model is loaded once."""
     from cfic.api.settings import ServiceSettings, parse_size
+    from cfic.config import acceleration_options, resolve_swiftkv
     from cfic.errors import CficError
 
     if adapter and no_adapter:
         raise CficError("--adapter and --no-adapter exclude each other")
+    accel, swiftkv = acceleration_options(swiftkv_layer, swiftkv_group, swiftkv, layer_skip, layer_skip_warmup)
     level = log_level.lower()
     if level not in ("debug", "info", "warning", "error"):
         raise CficError(f"unknown log level {log_level!r}; use debug, info, warning or error")
@@ -96,8 +112,14 @@ def serve_command(
         _ = corpus.embedder  # load the embedding model now, not on the first request
         log.info("index %s: %d documents", index, len(corpus))
     grounder = Grounder.from_pretrained(model, device=device, dtype=dtype,
-                                        adapter=None if no_adapter else (adapter or "auto"))
+                                        adapter=None if no_adapter else (adapter or "auto"),
+                                        swiftkv=resolve_swiftkv(swiftkv, model), **accel)
     log.info("model %s loaded on %s (%s)", grounder.model_name, grounder.loaded.device, grounder.loaded.dtype)
+    cfg = grounder.config
+    if cfg.swiftkv_layer is not None or cfg.layer_skip:
+        log.info("acceleration: swiftkv_layer=%s swiftkv_group=%s (%s) layer_skip=%s warmup=%s", cfg.swiftkv_layer,
+                 cfg.swiftkv_group, "distilled" if swiftkv else "zero-training", cfg.layer_skip,
+                 cfg.layer_skip_warmup)
     app = create_app(grounder, index=corpus, settings=settings)
     # uvicorn's access log is off: the app logs one line per request with its request id (and never headers).
     uvicorn.run(app, host=host, port=port, log_level=level, access_log=False, timeout_graceful_shutdown=10)

@@ -96,7 +96,7 @@ def _time_grounder(grounder, docs: list[str], questions: list[str], timings: Tim
             timings.evidence.append([(e.document_index, e.start_char, e.end_char) for e in res.evidence])
 
 
-def bench_load(model: str | None) -> dict[str, float]:
+def bench_load(model: str | None, adapter: str | None = "auto") -> dict[str, float]:
     """Model load time: first use (GGUF conversion into an empty cache) vs later loads from the cache."""
     from cfic.models import load_model
 
@@ -104,10 +104,10 @@ def bench_load(model: str | None) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["CFIC_CACHE_DIR"] = tmp
         try:
-            cold = load_model(model)
+            cold = load_model(model, adapter=adapter)
             cold_s = cold.load_seconds
             del cold
-            cached = [load_model(model).load_seconds for _ in range(3)]
+            cached = [load_model(model, adapter=adapter).load_seconds for _ in range(3)]
         finally:
             if old is None:
                 os.environ.pop("CFIC_CACHE_DIR", None)
@@ -117,7 +117,7 @@ def bench_load(model: str | None) -> dict[str, float]:
 
 
 def run_core_bench(model: str | None, doc_tokens: int, n_docs: int, n_questions: int, rounds: int,
-                   dtypes: list[str], load: bool) -> dict[str, Any]:
+                   dtypes: list[str], load: bool, adapter: str | None = "auto") -> dict[str, Any]:
     import torch
 
     from cfic.grounder import Grounder
@@ -125,9 +125,10 @@ def run_core_bench(model: str | None, doc_tokens: int, n_docs: int, n_questions:
     report: dict[str, Any] = {"doc_tokens": doc_tokens, "documents": n_docs, "questions_per_document": n_questions,
                               "rounds": rounds, "torch_threads": torch.get_num_threads()}
     if load:
-        report["model_load"] = bench_load(model)
-    grounders = {dt: Grounder.from_pretrained(model, dtype=dt) for dt in dtypes}
+        report["model_load"] = bench_load(model, adapter)
+    grounders = {dt: Grounder.from_pretrained(model, dtype=dt, adapter=adapter) for dt in dtypes}
     first = next(iter(grounders.values()))
+    report |= {"model": first.model_name, "adapter": first.loaded.adapter}
     docs = bench_documents(first.tokenizer, doc_tokens, n_docs)
     report["actual_doc_tokens"] = statistics.mean(e.n_tokens for e in first.encode(docs))
     questions = QUESTIONS[:n_questions]
@@ -221,6 +222,10 @@ def bench_command(
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="torch threads (default: torch's).")] = None,
     markdown: Annotated[Path | None, typer.Option("--markdown", help="Also write the acceleration table as "
                                                                      "Markdown here.")] = None,
+    adapter: Annotated[str | None, typer.Option("--adapter", help="A PEFT LoRA adapter folder to apply.")] = None,
+    no_adapter: Annotated[bool, typer.Option("--no-adapter", help="Measure the base model, without the bundled CFIC "
+                                                                  "adapter (the bundled SwiftKV parameters were "
+                                                                  "distilled for it).")] = False,
 ) -> None:
     """Measure cold vs warm grounding, decoding overhead, dtypes and model load, and the accelerations (SwiftKV,
     AcrossKV, layer skipping) against the full model, side by side."""
@@ -234,6 +239,9 @@ def bench_command(
         raise CficError(f"--accel-dtype takes float32, bfloat16 or float16, got {accel_dtype!r}")
     if not core and not accel:
         raise CficError("--no-core and --no-accel leave nothing to measure")
+    if adapter and no_adapter:
+        raise CficError("--adapter and --no-adapter exclude each other")
+    adapter_arg = None if no_adapter else (adapter or "auto")
     for path in swiftkv or []:
         if not Path(path).is_file():
             raise CficError(f"--swiftkv {path}: no such file")
@@ -243,12 +251,12 @@ def bench_command(
         torch.set_num_threads(threads)
     report: dict[str, Any] = {"command": " ".join(["cfic", *sys.argv[1:]])}
     if core:
-        report |= run_core_bench(model, doc_tokens, documents, questions, rounds, names, load)
+        report |= run_core_bench(model, doc_tokens, documents, questions, rounds, names, load, adapter_arg)
     if accel:
         from cfic.bench_accel import run_accel_bench
 
         report["acceleration"] = run_accel_bench(model, accel_dtype, doc_tokens, documents, questions, rounds,
-                                                 list(swiftkv or []), layer_skip, recall_examples)
+                                                 list(swiftkv or []), layer_skip, recall_examples, adapter_arg)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2))

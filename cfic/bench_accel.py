@@ -49,7 +49,9 @@ def build_configs(base, swiftkv_files: list[str], layer_skip: int, layers: list[
         configs.append(AccelConfig(f"swiftkv-l{layer}-zero", g, "swiftkv-zero", layer))
     notes = []
     files = list(swiftkv_files)
-    bundled = bundled_swiftkv(loaded.name)
+    # the bundled file is looked up for the base model even when an adapter is merged: the fingerprint check then
+    # leaves it out with a note (it was distilled for the base weights), instead of it silently not being tried
+    bundled = bundled_swiftkv(loaded.name.split("+")[0])
     if bundled and bundled not in files:
         files.append(bundled)
     distilled = []
@@ -137,17 +139,26 @@ def _median(xs: list[float]) -> float | None:
 
 
 def run_accel_bench(model: str | None, dtype: str | None, doc_tokens: int, n_docs: int, n_questions: int,
-                    rounds: int, swiftkv_files: list[str], layer_skip: int, recall_examples: int) -> dict[str, Any]:
+                    rounds: int, swiftkv_files: list[str], layer_skip: int, recall_examples: int,
+                    adapter: str | None = "auto") -> dict[str, Any]:
     import torch
 
     from cfic.bench import QUESTIONS, bench_documents, matmul_gflops, prefill_flops
     from cfic.grounder import Grounder
 
-    base = Grounder.from_pretrained(model, dtype=dtype)
+    base = Grounder.from_pretrained(model, dtype=dtype, adapter=adapter)
     n_layers = base.runner.num_layers
     layers = sorted({n_layers // 2, (2 * n_layers) // 3})
     configs, notes = build_configs(base, swiftkv_files, layer_skip, layers)
-    report: dict[str, Any] = {"model": base.model_name, "dtype": str(base.loaded.dtype).replace("torch.", ""),
+    if base.loaded.adapter is None:
+        notes.append(f"measured on the base model {base.model_name} without any adapter (--no-adapter or none "
+                     "shipped); the bundled SwiftKV parameters were distilled for these weights")
+    else:
+        notes.append(f"measured with the adapter {base.loaded.adapter} merged ({base.model_name}); SwiftKV "
+                     "parameters distilled for other weights are left out (pass --no-adapter to measure the bundled "
+                     "ones)")
+    report: dict[str, Any] = {"model": base.model_name, "adapter": base.loaded.adapter,
+                              "dtype": str(base.loaded.dtype).replace("torch.", ""),
                               "torch_threads": torch.get_num_threads(), "layers": n_layers,
                               "swiftkv_layers_tested": layers, "load_average_start": os.getloadavg(),
                               "notes": notes}
@@ -263,7 +274,10 @@ def print_accel_report(report: dict[str, Any]) -> None:
 
 def accel_markdown(report: dict[str, Any]) -> str:
     """The acceleration table as Markdown (for BENCHMARKS.md)."""
-    lines = [f"Model {report['model']}, {report['dtype']}, {report['torch_threads']} torch threads, "
+    adapter = report.get("adapter")
+    weights = f"adapter {adapter} merged" if adapter else "base weights, no adapter"
+    lines = [f"Model {report['model']} ({weights}), "
+             f"{report['dtype']}, {report['torch_threads']} torch threads, "
              f"~{report['doc_tokens']:.0f}-token documents; medians of interleaved runs; ratios against `full`. "
              f"Load average {report['load_average_start'][0]:.1f} at the start, {report['load_average_end'][0]:.1f} "
              "at the end.", "",
@@ -281,4 +295,5 @@ def accel_markdown(report: dict[str, Any]) -> str:
     lines += ["", "KV bytes per cached token (AcrossKV group g at SwiftKV layer l): "
               + ", ".join(f"{k} {v:,}" for k, v in kv.items()) + ".",
               f"Matrix-multiply peak measured in the same run: {report['matmul_peak_gflops']:.0f} GFLOP/s."]
+    lines += [f"Note: {note}" for note in report.get("notes", [])]
     return "\n".join(lines) + "\n"

@@ -31,6 +31,20 @@ DeviceOpt = Annotated[str | None, typer.Option("--device", help="cpu or cuda (de
 DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="float32, bfloat16 or float16 (default: per device).")]
 AdapterOpt = Annotated[str | None, typer.Option("--adapter", help="A PEFT LoRA adapter folder to apply.")]
 NoAdapterOpt = Annotated[bool, typer.Option("--no-adapter", help="Do not apply the bundled CFIC adapter.")]
+# Acceleration (off by default; `cfic bench` measures each against the full model). Ranges are checked by
+# cfic.config.acceleration_options so a bad value is one `error:` line, before the model loads.
+SwiftKVLayerOpt = Annotated[int | None, typer.Option(
+    "--swiftkv-layer", help="SwiftKV SingleInputKV from layer l on: the document runs only layers < l (zero-training "
+                            "unless --swiftkv gives distilled parameters).")]
+SwiftKVGroupOpt = Annotated[int | None, typer.Option(
+    "--swiftkv-group", help="AcrossKV: one K/V per group of this many SwiftKV layers (less KV memory per token).")]
+SwiftKVOpt = Annotated[str | None, typer.Option(
+    "--swiftkv", help="Distilled SwiftKV parameters: a file from `cfic distill-swiftkv`, or 'bundled' (distilled "
+                      "for the default model without its adapter: use with --no-adapter).")]
+LayerSkipOpt = Annotated[int | None, typer.Option(
+    "--layer-skip", help="SkipDecode: answer tokens skip up to this many lower layers (0: off).")]
+LayerSkipWarmupOpt = Annotated[int | None, typer.Option(
+    "--layer-skip-warmup", help="Layers that always run below the skipped band (default 4).")]
 
 
 def adapter_choice(adapter: str | None, no_adapter: bool) -> str | None:
@@ -83,17 +97,28 @@ def ground(
     dtype: DtypeOpt = None,
     adapter: AdapterOpt = None,
     no_adapter: NoAdapterOpt = False,
+    swiftkv_layer: SwiftKVLayerOpt = None,
+    swiftkv_group: SwiftKVGroupOpt = None,
+    swiftkv: SwiftKVOpt = None,
+    layer_skip: LayerSkipOpt = None,
+    layer_skip_warmup: LayerSkipWarmupOpt = None,
 ) -> None:
     """Print verbatim evidence for QUERY from FILES."""
+    from cfic.config import acceleration_options
+
     if files.count("-") > 1:
         raise CficError("'-' (stdin) can be given only once")
+    accel, swiftkv = acceleration_options(swiftkv_layer, swiftkv_group, swiftkv, layer_skip, layer_skip_warmup)
+    adapter_arg = adapter_choice(adapter, no_adapter)
     documents = [{"id": name, "text": text} for name, text in map(read_document, files)]
     if not query.strip():
         raise CficError("the query is empty")
+    from cfic.config import resolve_swiftkv
     from cfic.grounder import Grounder
 
-    options = {"max_sentence_tokens": min(96, max_span_tokens)}
-    grounder = Grounder.from_pretrained(model, device=device, dtype=dtype, adapter=adapter_choice(adapter, no_adapter),
+    swiftkv = resolve_swiftkv(swiftkv, model)
+    options = {"max_sentence_tokens": min(96, max_span_tokens), **accel}
+    grounder = Grounder.from_pretrained(model, device=device, dtype=dtype, adapter=adapter_arg, swiftkv=swiftkv,
                                         **options)
     result = grounder.ground(query, documents, top_k=top_k, max_span_tokens=max_span_tokens, threshold=threshold)
     if json_out:
@@ -125,6 +150,7 @@ def _register_components() -> None:
     """Commands that live with their components (their modules import without torch)."""
     from cfic.api.cli import serve_command
     from cfic.bench import bench_command
+    from cfic.distill import distill_swiftkv_command
     from cfic.eval.cli import evaluate_command
     from cfic.retrieval.cli import index_app
     from cfic.train import train_command
@@ -134,6 +160,7 @@ def _register_components() -> None:
     app.command("evaluate")(evaluate_command)
     app.command("bench")(bench_command)
     app.command("train")(train_command)
+    app.command("distill-swiftkv")(distill_swiftkv_command)
 
 
 def _framework_exceptions() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
@@ -155,8 +182,13 @@ def _framework_exceptions() -> tuple[tuple[type, ...], tuple[type, ...], tuple[t
 def _quiet_libraries() -> None:
     """Our own messages only: no per-tensor progress bars or library warnings on the terminal."""
     import logging
+    import warnings
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    # deprecation notices of transformers/peft (e.g. when an adapter is merged) are for developers, not users
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"(transformers|peft)(\.|$)")
     logging.getLogger("cfic").setLevel(logging.INFO)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -182,7 +214,9 @@ def main(argv: list[str] | None = None) -> None:
     except exits as exc:
         sys.exit(exc.exit_code)
     except usage_errors as exc:
-        if hasattr(exc, "show"):
+        if isinstance(exc, click.BadParameter) or type(exc).__name__ == "BadParameter":
+            typer.echo(f"error: {exc.format_message()}", err=True)  # one line, as for our own errors
+        elif hasattr(exc, "show"):
             exc.show()
         else:
             typer.echo(f"error: {exc}", err=True)

@@ -90,3 +90,53 @@ class GroundingConfig:
         """The fields that change a document's encoding (for caches keyed by configuration)."""
         return (self.max_span_tokens, self.max_sentence_tokens, self.max_query_tokens, self.overlap_tokens,
                 self.max_context_tokens, self.language, self.instruction, self.swiftkv_layer, self.swiftkv_group)
+
+
+def acceleration_options(swiftkv_layer: int | None = None, swiftkv_group: int | None = None,
+                         swiftkv: str | None = None, layer_skip: int | None = None,
+                         layer_skip_warmup: int | None = None) -> tuple[dict[str, int], str | None]:
+    """The acceleration flags of ``cfic ground`` / ``cfic serve`` -> (GroundingConfig options, ``swiftkv`` argument
+    of ``Grounder.from_pretrained``), checked before any model is loaded (bad values raise CficError).
+
+    ``swiftkv``: ``"bundled"`` or a parameter file from ``cfic distill-swiftkv``; its layer and group then set
+    ``swiftkv_layer``/``swiftkv_group`` (given explicitly, they must agree — ``Grounder`` checks that)."""
+    from pathlib import Path
+
+    options: dict[str, int] = {}
+    if swiftkv_layer is not None:
+        options["swiftkv_layer"] = swiftkv_layer
+    if swiftkv_group is not None:
+        options["swiftkv_group"] = swiftkv_group
+    if layer_skip is not None:
+        options["layer_skip"] = layer_skip
+    if layer_skip_warmup is not None:
+        options["layer_skip_warmup"] = layer_skip_warmup
+    GroundingConfig(**options)  # the type and range checks, one message per bad value
+    if swiftkv is not None:
+        swiftkv = str(swiftkv)
+        if not swiftkv.strip():
+            raise CficError("--swiftkv is empty; pass 'bundled' or a file written by cfic distill-swiftkv")
+        if swiftkv != "bundled" and not Path(swiftkv).expanduser().is_file():
+            raise CficError(f"--swiftkv {swiftkv}: no such file (pass 'bundled' or a file written by "
+                            "cfic distill-swiftkv)")
+        if swiftkv != "bundled":
+            swiftkv = str(Path(swiftkv).expanduser())
+    elif swiftkv_group not in (None, 1) and swiftkv_layer is None:
+        raise CficError("--swiftkv-group (AcrossKV) needs --swiftkv-layer or --swiftkv")
+    if layer_skip_warmup is not None and not layer_skip:
+        raise CficError("--layer-skip-warmup needs --layer-skip")
+    return options, swiftkv
+
+
+def resolve_swiftkv(swiftkv: str | None, model: str | None) -> str | None:
+    """``"bundled"`` for the default model -> the shipped file itself, so that loading it next to a merged adapter
+    fails the weight-fingerprint check with a message saying why (instead of "no bundled parameters" for the
+    adapter-suffixed model name). Anything else is returned unchanged. (Imports torch: call it just before loading.)"""
+    if swiftkv != "bundled":
+        return swiftkv
+    from cfic.grounder import bundled_swiftkv
+    from cfic.models import DEFAULT_MODEL
+
+    if model is None or str(model) == DEFAULT_MODEL:
+        return bundled_swiftkv(DEFAULT_MODEL) or swiftkv
+    return swiftkv

@@ -20,7 +20,7 @@ from cfic.decoding.runner import LayerRunner
 from cfic.decoding.skip import SpanEnd, candidates, greedy_span_end, skip_decode_span_end
 from cfic.decoding.swiftkv import SwiftKV
 from cfic.errors import CficError
-from cfic.models import LoadedModel, load_model
+from cfic.models import LoadedModel, adapter_threshold, load_model
 from cfic.text import Sentence, split_sentences
 from cfic.types import Document, Evidence, GroundingResult, Usage
 
@@ -119,18 +119,21 @@ class Grounder:
         """Load ``model`` (default: the packaged SmolLM2-135M-Instruct) with GroundingConfig ``options``.
 
         ``adapter="auto"`` applies the bundled CFIC adapter to the default model when it is shipped; ``None``
-        turns it off; a path applies that PEFT adapter.
+        turns it off; a path applies that PEFT adapter. An adapter brings its calibrated ``threshold`` (below it:
+        ``no_evidence``) unless ``threshold`` is passed (``threshold=None`` turns abstention off).
         ``swiftkv``: distilled SwiftKV parameters (a file written by ``cfic distill-swiftkv``, or ``"bundled"`` for
         the ones shipped with cfic for the default model); their layer and group set ``swiftkv_layer`` and
         ``swiftkv_group``. Without it, ``swiftkv_layer=...`` runs zero-training SwiftKV.
         """
-        config = GroundingConfig().with_options(**options)
         loaded = load_model(model, device=device, dtype=dtype, adapter=adapter)
+        if "threshold" not in options:
+            options["threshold"] = adapter_threshold(loaded.adapter)
+        config = GroundingConfig().with_options(**options)
         params = None
         if isinstance(swiftkv, SwiftKV):
             params = swiftkv
         elif swiftkv is not None:
-            path = bundled_swiftkv(loaded.name) if str(swiftkv) == "bundled" else swiftkv
+            path = bundled_swiftkv(loaded.name.split("+")[0]) if str(swiftkv) == "bundled" else swiftkv
             if path is None:
                 raise CficError(f"no bundled SwiftKV parameters for {loaded.name}; pass a file from "
                                 "cfic distill-swiftkv")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -40,6 +41,28 @@ def bundled_adapter() -> Path | None:
     """The CFIC-tuned LoRA adapter shipped for the default model (``cfic train`` writes it), if present."""
     path = Path(__file__).parent / "data" / "adapter"
     return path if (path / "adapter_config.json").is_file() else None
+
+
+ADAPTER_SETTINGS = "cfic.json"
+
+
+def adapter_threshold(adapter: str | os.PathLike | None) -> float | None:
+    """The ``no_evidence`` threshold calibrated for an adapter (``cfic train`` writes it next to the weights): a
+    score scale belongs to the weights that produced it, so the default travels with the adapter."""
+    if adapter is None:
+        return None
+    path = Path(adapter) / ADAPTER_SETTINGS
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text()).get("threshold")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ModelLoadError(f"unreadable adapter settings {path}: {exc}") from exc
+    if value is None:
+        return None
+    if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ModelLoadError(f"{path}: threshold must be a number in [0, 1], got {value!r}")
+    return float(value)
 
 
 def apply_adapter(model: torch.nn.Module, adapter: Path) -> torch.nn.Module:

@@ -301,6 +301,10 @@ def forward(
         for j in range(runner.num_layers):
             if not bool(run[j].all()):
                 partial[j] = run[j].nonzero().squeeze(1).to(hidden.device)
+    if sw is not None and start > sw.layer:
+        raise ValueError("forward cannot resume above the SwiftKV layer (its K/V come from that layer's input)")
+    if sw is not None and any(p is not None for p in partial[sw.layer:]):
+        raise ValueError("a layer schedule may only skip layers below the SwiftKV layer")
     narrowing = sw is not None and outputs is not None and sw.layer < runner.num_layers
     if mask is None and any(p is not None for p in partial):
         mask = causal_extension_mask(past, n, hidden.device)
@@ -313,8 +317,6 @@ def forward(
                 cache.keys[s][:, :, past:past + n].zero_()
                 cache.values[s][:, :, past:past + n].zero_()
                 zeroed.add(s)
-    if sw is not None and start > sw.layer:
-        raise ValueError("forward cannot resume above the SwiftKV layer (its K/V come from that layer's input)")
     for j in range(start, runner.num_layers):
         if sw is not None and j == sw.layer:
             sw.write_kv(cache, hidden, (cos, sin))
@@ -328,8 +330,6 @@ def forward(
         if rows is None:
             hidden = runner.run_layer(j, hidden, (cos, sin), cache, mask)
             continue
-        if sw is not None and j >= sw.layer:
-            raise ValueError("a layer schedule may only skip layers below the SwiftKV layer")
         if rows.numel() == 0:
             continue
         if cache is not None:

@@ -88,18 +88,34 @@ def _rounded_bytes(t: Tensor) -> bytes:
     return t.detach().float().to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes()
 
 
-def model_fingerprint(model: nn.Module) -> str:
+FINGERPRINT_VERSION = 2
+
+
+def model_fingerprint(model: nn.Module, version: int = FINGERPRINT_VERSION) -> str:
     """Short hash of the model's shape and a sample of its weights: distilled SwiftKV parameters are only valid for
-    the exact weights they were trained against (e.g. not after a LoRA adapter was merged)."""
+    the exact weights they were trained against (e.g. not after a LoRA adapter was merged).
+
+    Version 2 samples the first rows of every weight of every decoder layer (any merged LoRA, whatever modules it
+    targets — PEFT's default for Llama is q_proj and v_proj only — changes them) plus every norm; version 1 (files
+    written before it) sampled only k_proj and down_proj, which a q/v-only adapter leaves alone."""
     core = model.model
     cfg = model.config
     h = hashlib.sha256()
     h.update(json.dumps([type(model).__name__, cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads,
                          cfg.num_key_value_heads, cfg.vocab_size]).encode())
     h.update(_rounded_bytes(core.embed_tokens.weight[:256]))
+    if version == 1:
+        for layer in core.layers:
+            h.update(_rounded_bytes(layer.self_attn.k_proj.weight[:8]))
+            h.update(_rounded_bytes(layer.mlp.down_proj.weight[:8]))
+        return h.hexdigest()[:16]
+    if version != 2:
+        raise ValueError(f"unknown weight fingerprint version {version}")
     for layer in core.layers:
-        h.update(_rounded_bytes(layer.self_attn.k_proj.weight[:8]))
-        h.update(_rounded_bytes(layer.mlp.down_proj.weight[:8]))
+        for name, param in sorted(layer.named_parameters()):
+            h.update(name.encode())
+            h.update(_rounded_bytes(param[:8]))
+    h.update(_rounded_bytes(core.norm.weight))
     return h.hexdigest()[:16]
 
 
@@ -162,31 +178,27 @@ class SwiftKV(nn.Module):
         """The rotary embedding exactly as the layer's own modeling file applies it."""
         attn = self._layers[layer].self_attn
         fn = sys.modules[type(attn).__module__].apply_rotary_pos_emb
-        return fn(key, key, cos, sin)[1]
+        return fn(key[:, :0], key, cos, sin)[1]  # an empty query: only the keys are rotated
 
     def kv(self, hidden: Tensor, rope: tuple[Tensor, Tensor]) -> list[tuple[Tensor, Tensor]]:
         """K/V ``[batch, kv_heads, n, head_dim]`` of every group, from the hidden states entering layer ``l``.
-
-        All groups' projections run as one matrix multiply (one large GEMM is much faster on CPU than 2 x groups
-        small ones) and the rotary embedding is applied to all keys at once."""
-        if not self.num_groups:
-            return []
+        (One projection per group: fusing them into one matrix multiply measured twice as slow on CPU, from the
+        strided copies it needs afterwards.)"""
         s = self.norm(hidden)
         cos, sin = rope
         b, n, _ = hidden.shape
-        projections = [*self.k_proj, *self.v_proj]
-        weight = torch.cat([p.weight for p in projections])
-        bias = torch.cat([p.bias for p in projections]) if projections[0].bias is not None else None
-        head_dim = self._layers[self.layer].self_attn.head_dim
-        kv = torch.nn.functional.linear(s, weight, bias).view(b, n, 2 * self.num_groups, -1, head_dim)
-        keys, values = kv[:, :, : self.num_groups], kv[:, :, self.num_groups:]
-        if any(getattr(self._layers[self.layer + g * self.group].self_attn, "k_norm", None) is not None
-               for g in range(self.num_groups)):
-            keys = torch.stack([self._layers[self.layer + g * self.group].self_attn.k_norm(keys[:, :, g])
-                                for g in range(self.num_groups)], dim=2)
-        heads = keys.shape[3]
-        keys = self._rope(self.layer, keys.reshape(b, n, -1, head_dim).transpose(1, 2), cos, sin)
-        return [(keys[:, g * heads:(g + 1) * heads], values[:, :, g].transpose(1, 2)) for g in range(self.num_groups)]
+        out = []
+        for g, (kp, vp) in enumerate(zip(self.k_proj, self.v_proj, strict=True)):
+            first = self.layer + g * self.group
+            attn = self._layers[first].self_attn
+            head_dim = attn.head_dim
+            k = kp(s).view(b, n, -1, head_dim)
+            if getattr(attn, "k_norm", None) is not None:
+                k = attn.k_norm(k)
+            k = self._rope(first, k.transpose(1, 2), cos, sin)
+            v = vp(s).view(b, n, -1, head_dim).transpose(1, 2)
+            out.append((k, v))
+        return out
 
     def write_kv(self, cache, hidden: Tensor, rope: tuple[Tensor, Tensor]) -> None:
         """Fill the current pass's K/V of layers ``>= l`` in ``cache`` (one buffer per AcrossKV group)."""
@@ -213,7 +225,8 @@ class SwiftKV(nn.Module):
         tensors = {k: v.detach().to(dtype).contiguous().cpu() for k, v in self.state_dict().items()}
         meta = {"format": FORMAT, "layer": str(self.layer), "group": str(self.group), "q_rank": str(self.q_rank),
                 "q_scale": str(self.q_scale), "num_layers": str(self.num_layers),
-                "fingerprint": model_fingerprint(self._model), "model_name": model_name,
+                "fingerprint": model_fingerprint(self._model), "fingerprint_version": str(FINGERPRINT_VERSION),
+                "model_name": model_name,
                 "info": json.dumps(info or {})}
         tmp = path.with_name(path.name + ".tmp")
         save_file(tensors, str(tmp), metadata=meta)
@@ -239,9 +252,13 @@ class SwiftKV(nn.Module):
         n = len(model.model.layers)
         if int(meta["num_layers"]) != n:
             raise ValueError(f"SwiftKV parameters {str(path)!r} are for a {meta['num_layers']}-layer model, not {n}")
-        if check and meta.get("fingerprint") != model_fingerprint(model):
+        version = int(meta.get("fingerprint_version") or 1)
+        if check and meta.get("fingerprint") != (own_print := model_fingerprint(model, version)):
             raise ValueError(f"SwiftKV parameters {str(path)!r} were distilled for other weights "
-                             f"({meta.get('model_name') or 'unknown model'}); re-run cfic distill-swiftkv")
+                             f"({meta.get('model_name') or 'unknown model'}, weight fingerprint "
+                             f"{meta.get('fingerprint')}; this model's is {own_print}: a merged LoRA adapter changes "
+                             "it too): load the model they were distilled for (e.g. without the adapter: "
+                             "--no-adapter / adapter=None) or re-run cfic distill-swiftkv against this one")
         sw = cls(model, int(meta["layer"]), int(meta["group"]), q_rank=int(meta["q_rank"]),
                  q_scale=float(meta["q_scale"]))
         own = sw.state_dict()

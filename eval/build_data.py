@@ -14,8 +14,8 @@ and the licence texts that came with the raw files. What each file holds:
 * ``hotpotqa.jsonl.gz`` — eval: the HotpotQA dev-distractor examples of the Meve sample and of the AMOR dev
   file (disjoint), 10 paragraphs each; train: the HippoRAG train-split sample. Documents and gold spans are
   fixed here.
-* ``squad_docs.jsonl.gz`` + ``squad.jsonl.gz`` — the three SQuAD 2.0 dev articles, each joined into one
-  document, and their 1,124 unique questions (unanswerable ones included, with no gold).
+* ``squad_docs.jsonl.gz`` + ``squad.jsonl.gz`` — three SQuAD 2.0 articles (dev file: eval; train file: train),
+  each joined into one document, and their 1,124 unique questions (unanswerable ones included, with no gold).
 * ``nq_long_docs.jsonl.gz`` + ``nq_long.jsonl.gz`` — L-Eval's 21 full NQ Wikipedia pages (HTML-ish tags
   turned into line breaks) and their 109 questions; no gold sentences exist for them, so only answer recall
   applies.
@@ -56,7 +56,7 @@ SOURCES = {
     "hotpot-meve": ("nakulbh/Meve-framework", "a83b659f", "data/hotpot_dev_distractor_v1.json (first 100)"),
     "hotpot-amor": ("JianGuanTHU/AMOR", "f950e63d", "data/hotpotqa/dev.json"),
     "hotpot-hipporag": ("OSU-NLP-Group/HippoRAG", "3d95d255", "data/hotpotqa_train.json (sample of 100)"),
-    "squad": ("appcoreopc/squad2controlled", "d3ba9161", "dev-v2.0 / train-v2.0 subsets (all dev articles)"),
+    "squad": ("appcoreopc/squad2controlled", "d3ba9161", "dev-v2.0 / train-v2.0 subsets (every article)"),
     "leval": ("OpenLMLab/LEval", "cd34b050", "LEval-data/Open-ended-tasks/natural_question.jsonl"),
 }
 
@@ -314,7 +314,8 @@ ATTRIBUTION_ROWS = (
     ("`hotpotqa.jsonl.gz` (train)", "hotpot-hipporag", "HotpotQA train",
      "CC BY-SA 4.0 (HippoRAG repository: MIT)"),
     ("`squad_docs.jsonl.gz`, `squad.jsonl.gz`", "squad",
-     "SQuAD 2.0 dev articles *Normans*, *Rhine*, *Computational complexity theory*, Rajpurkar et al. 2018",
+     "SQuAD 2.0 articles *Normans*, *Rhine* (dev file: eval split) and *Computational complexity theory* "
+     "(train file: train split), Rajpurkar et al. 2018",
      "CC BY-SA 4.0"),
     ("`nq_long_docs.jsonl.gz`, `nq_long.jsonl.gz`", "leval",
      "L-Eval (An et al. 2023) built on Natural Questions",

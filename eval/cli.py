@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 DATASET_HELP = "nq (default), hotpotqa, squad or nq-long."
-METHODS_HELP = ("Comma-separated: cfic, cfic-no-skip, embedding, bm25, generate, full-document, random "
+METHODS_HELP = ("Comma-separated: cfic, cfic-no-skip, cfic-zero-shot, embedding, bm25, generate, full-document, random "
                 "(default: all).")
 
 

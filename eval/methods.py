@@ -6,6 +6,9 @@ Each method turns (question, documents) into evidence :class:`~cfic.eval.metrics
 * ``cfic`` — the full pipeline (``Grounder.ground``), and ``cfic-no-skip`` — the same with
   ``skip_decoding=False`` (after the prefix picks the start sentence, greedy token-by-token decoding under
   the document constraint until end-of-evidence). Both reuse one encoding per document.
+* ``cfic-zero-shot`` — the full pipeline on the same model without the CFIC adapter (what fine-tuning buys;
+  identical to ``cfic`` when no adapter is applied). It has its own encoding (other weights) and no calibrated
+  threshold.
 * ``embedding`` — all-MiniLM-L6-v2 cosine between the question and each sentence, top sentences (LangChain's
   ``EmbeddingsFilter`` idea).
 * ``bm25`` — BM25 (``bm25s``) between the question and each sentence, top sentences.
@@ -43,7 +46,7 @@ from cfic.eval.datasets import Example
 from cfic.eval.metrics import Span, locate
 from cfic.text import Sentence, split_sentences
 
-METHOD_NAMES = ("cfic", "cfic-no-skip", "embedding", "bm25", "generate", "full-document", "random")
+METHOD_NAMES = ("cfic", "cfic-no-skip", "cfic-zero-shot", "embedding", "bm25", "generate", "full-document", "random")
 DEFAULT_BUDGET = 3
 GENERATE_SLACK_TOKENS = 32
 GENERATE_DEFAULT_TOKENS = 128
@@ -85,6 +88,7 @@ class EvalContext:
         self._grounder = grounder
         self._tokenizer = grounder.tokenizer if grounder is not None else None
         self._embedder = None
+        self._zero_shot: Any = None
         self._sentences: dict[str, list[Sentence]] = {}
 
     @property
@@ -95,6 +99,20 @@ class EvalContext:
             self._grounder = Grounder.from_pretrained(self.model)
             self._tokenizer = self._grounder.tokenizer
         return self._grounder
+
+    @property
+    def zero_shot_grounder(self) -> Any:
+        """The same model without its adapter (the main grounder itself when it has none)."""
+        main = self.grounder
+        if main.loaded.adapter is None:
+            return main
+        if self._zero_shot is None:
+            from cfic.grounder import Grounder
+
+            self._zero_shot = Grounder.from_pretrained(self.model, device=main.loaded.device,
+                                                       dtype=main.loaded.dtype, adapter=None,
+                                                       **{**main.config.__dict__, "threshold": None})
+        return self._zero_shot
 
     @property
     def tokenizer(self) -> Any:
@@ -170,17 +188,30 @@ class CficMethod(Method):
         self.skip_decoding = skip_decoding
         self.threshold = threshold
 
+    def grounder(self, ctx: EvalContext) -> Any:
+        return ctx.grounder
+
     def prepare(self, ctx: EvalContext, documents: Sequence[str]) -> Any:
-        return ctx.grounder.encode(list(documents))
+        return self.grounder(ctx).encode(list(documents))
 
     def run(self, ctx: EvalContext, example: Example, state: Any, budget: Budget) -> MethodOutput:
-        result = ctx.grounder.ground(example.question, state, skip_decoding=self.skip_decoding,
-                                     threshold=self.threshold)
+        result = self.grounder(ctx).ground(example.question, state, skip_decoding=self.skip_decoding,
+                                           threshold=self.threshold)
         spans = [Span(e.document_index, e.start_char, e.end_char, e.text) for e in result.evidence]
         chosen = {(e.document_index, i) for e in result.evidence
                   for i in range(e.sentence_start, e.sentence_end)}
         stages = {"prefix_ms": result.usage.prefix_ms, "skip_ms": result.usage.skip_ms}
         return MethodOutput(spans, result.no_evidence, stages, len(chosen))
+
+
+class ZeroShotCficMethod(CficMethod):
+    state_key = "cfic-zero-shot-encoding"
+
+    def __init__(self, threshold: float | None = None) -> None:
+        super().__init__("cfic-zero-shot", True, threshold)
+
+    def grounder(self, ctx: EvalContext) -> Any:
+        return ctx.zero_shot_grounder
 
 
 @dataclass
@@ -308,7 +339,10 @@ class GenerateMethod(Method):
         sentences = ctx.split(text)
         counts = np.cumsum(ctx.count_tokens([s.text for s in sentences]) or [0])
         keep = int(np.searchsorted(counts, room, side="right"))
-        if keep == 0:
+        # Sentences counted one by one miss the separators between them: check the real count and shrink.
+        while keep > 0 and ctx.count_tokens([text[: sentences[keep - 1].end]])[0] > room:
+            keep = min(keep - 1, int(keep * 0.95))
+        if keep <= 0:
             raise CficError("generate: not even one sentence of the document fits the model's context")
         return text[: sentences[keep - 1].end], True
 
@@ -351,6 +385,7 @@ def make_methods(names: Sequence[str], *, generate_max_tokens: int = GENERATE_MA
     factories = {
         "cfic": lambda: CficMethod("cfic", True, threshold),
         "cfic-no-skip": lambda: CficMethod("cfic-no-skip", False, threshold),
+        "cfic-zero-shot": lambda: ZeroShotCficMethod(threshold),
         "embedding": EmbeddingMethod,
         "bm25": BM25Method,
         "generate": lambda: GenerateMethod(generate_max_tokens),

@@ -82,6 +82,7 @@ def markdown_report(report: dict[str, Any]) -> str:
 
 def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -93,6 +94,10 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ax.scatter([x], [y], s=48, zorder=3, color="C3" if name.startswith("cfic") else "C0")
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=9)
     ax.set_xscale("log")
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}")
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(
+        lambda v, _: f"{v:,.0f}" if f"{v:.0e}"[0] in "235" else ""))
     ax.set_ylim(-0.02, 1.05)
     ax.set_xlabel("evidence tokens per example (mean, log scale)")
     ax.set_ylabel("answer recall")

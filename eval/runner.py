@@ -27,6 +27,7 @@ from cfic.eval.methods import (
     DEFAULT_BUDGET,
     GENERATE_MAX_TOKENS,
     Budget,
+    CficMethod,
     EvalContext,
     Method,
     make_methods,
@@ -79,7 +80,7 @@ def run_methods(
                 states[state_key] = (key, state, prepare_ms)
             else:
                 state, prepare_ms = cached[1], cached[2]
-            if method.state_key == "cfic-encoding" and (method.name, key) not in encode_reported:
+            if isinstance(method, CficMethod) and (method.name, key) not in encode_reported:
                 encode_reported.add((method.name, key))  # once per document and method
                 stages["encode_ms"] = prepare_ms
             t0 = time.perf_counter()

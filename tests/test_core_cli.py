@@ -62,3 +62,45 @@ def test_help_lists_commands():
     res = run_cli("--help")
     assert res.returncode == 0
     assert "ground" in res.stdout.decode()
+
+
+def test_help_lists_distill_swiftkv():
+    res = run_cli("--help")
+    assert "distill-swiftkv" in res.stdout.decode()
+    res = run_cli("distill-swiftkv", "--help")
+    assert res.returncode == 0 and "--layer" in res.stdout.decode()
+    res = run_cli("ground", "--help")
+    assert all(opt in res.stdout.decode() for opt in ("--swiftkv-layer", "--swiftkv-group", "--swiftkv",
+                                                      "--layer-skip"))
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [(["--swiftkv-layer", "0"], "swiftkv_layer must be a positive integer"),
+     (["--swiftkv-layer", "-3"], "swiftkv_layer"),
+     (["--swiftkv-layer", "abc"], "--swiftkv-layer"),
+     (["--swiftkv-group", "0", "--swiftkv-layer", "2"], "swiftkv_group"),
+     (["--swiftkv-group", "2"], "needs --swiftkv-layer"),
+     (["--swiftkv", "no/such/params.safetensors"], "no such file"),
+     (["--swiftkv", " "], "--swiftkv is empty"),
+     (["--layer-skip", "-1"], "layer_skip must be a non-negative integer"),
+     (["--layer-skip-warmup", "2"], "needs --layer-skip"),
+     (["--layer-skip", "2", "--layer-skip-warmup", "-1"], "layer_skip_warmup")],
+)
+@pytest.mark.parametrize("command", ["ground", "serve"])
+def test_bad_acceleration_options_are_one_line_errors(files, command, args, needle):
+    """Checked before any model is loaded: one `error:` line and exit code 2, for ground and for serve."""
+    extra = ["--query", "q", str(files["good"])] if command == "ground" else ["--port", "0"]
+    res = run_cli(command, *extra, *args)
+    err = res.stderr.decode()
+    assert res.returncode == 2, err
+    assert err.startswith("error:") and needle in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", [["bench"], ["distill-swiftkv"], ["ground", "--query", "q", "x"], ["serve"]])
+def test_adapter_flags_exclude_each_other(command, files):
+    args = [str(files["good"]) if a == "x" else a for a in command]
+    res = run_cli(*args, "--adapter", str(files["dir"]), "--no-adapter")
+    err = res.stderr.decode()
+    assert res.returncode == 2 and "exclude each other" in err and len(err.strip().splitlines()) == 1

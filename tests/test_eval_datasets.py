@@ -108,7 +108,10 @@ def test_prebuilt_datasets_have_consistent_gold(name):
             assert not ex.gold and not ex.answers
     if name == "squad":
         assert sum(not e.answerable for e in examples) > 0
-        assert len({e.doc_key for e in examples}) == 3
+        assert len({e.doc_key for e in examples}) == 2
+        train = load_split("squad", "train")
+        assert train and sum(not e.answerable for e in train) > 0
+        assert not {e.doc_key for e in train} & {e.doc_key for e in examples}
 
 
 def test_hotpotqa_train_side_is_separate():
@@ -126,7 +129,7 @@ def test_bad_arguments_are_clear_errors(nq_file):
     with pytest.raises(CficError, match="--k"):
         load_split("nq", data_file=nq_file, k=0)
     with pytest.raises(CficError, match="no 'train' split"):
-        load_split("squad", "train")
+        load_split("nq-long", "train")
     with pytest.raises(CficError, match="--data-file"):
         load_split("squad", data_file=nq_file)
 

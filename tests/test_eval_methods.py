@@ -97,3 +97,14 @@ def test_method_names_are_validated():
         parse_methods(" , ")
     with pytest.raises(CficError, match="unknown method"):
         make_methods(["nope"])
+
+
+def test_generate_cuts_a_too_long_document_at_whole_sentences(ctx):
+    from cfic.eval.methods import GenerateMethod
+
+    lines = [f"Line {i} lists item number {i} of the inventory." for i in range(300)]
+    long_doc = "\n".join(lines)
+    text, cut = GenerateMethod()._fit(ctx, [long_doc], room=500)
+    assert cut and long_doc.startswith(text) and text.endswith("inventory.")
+    assert 400 < ctx.count_tokens([text])[0] <= 500
+    assert GenerateMethod()._fit(ctx, [DOC], room=500) == (DOC, False)

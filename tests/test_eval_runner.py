@@ -53,6 +53,8 @@ def test_every_method_on_the_same_documents_writes_the_report(nq_file, tmp_path,
         assert row["n"] == 3
     assert report["methods"]["cfic"]["verbatim_rate"] == 1.0
     assert report["methods"]["cfic-no-skip"]["verbatim_rate"] == 1.0
+    # Without an adapter the zero-shot model is the model itself: the same evidence as cfic.
+    assert without_timing(report["methods"]["cfic-zero-shot"]) == without_timing(report["methods"]["cfic"])
     assert report["methods"]["full-document"]["answer_recall"] == 1.0
     assert report["methods"]["full-document"]["compression"] == 1.0
     assert {"encode_ms_p50", "prefix_ms_p50", "skip_ms_p50"} <= set(report["methods"]["cfic"])

@@ -28,7 +28,13 @@ def test_default_model_grounds_a_real_nq_document(default_grounder):
     for ev in result.evidence:
         assert ev.text == text[ev.start_char:ev.end_char]
         assert ev.text.strip() == ev.text
-    assert result.model == "smollm2-135m-instruct"
+    # The shipped CFIC adapter is merged by default, with its calibrated no-evidence threshold.
+    assert result.model == "smollm2-135m-instruct+cfic-lora"
+    from cfic.models import bundled_adapter
+
+    calibrated = json.loads((bundled_adapter() / "cfic.json").read_text())
+    assert default_grounder.config.threshold == calibrated["threshold"]
+    assert all(ev.score >= calibrated["threshold"] for ev in result.evidence)
 
 
 def test_cli_json_end_to_end(tmp_path):

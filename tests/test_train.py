@@ -9,7 +9,16 @@ import torch
 
 from cfic.eval.datasets import Example
 from cfic.text import Sentence
-from cfic.train import TrainSettings, build_items, gold_runs, item_tensors, train
+from cfic.train import (
+    TrainSettings,
+    build_items,
+    calibration_examples,
+    choose_threshold,
+    gold_runs,
+    item_tensors,
+    squad_windows,
+    train,
+)
 
 DOC = "Alpha is first. Beta is second. Gamma is third.\nDelta is fourth. Epsilon is fifth."
 
@@ -77,3 +86,63 @@ def test_train_saves_resumes_and_the_adapter_changes_the_model(tmp_path, tiny_mo
     with torch.inference_mode():
         assert not torch.allclose(plain.model(ids).logits, tuned.model(ids).logits)
     assert tuned.adapter is not None and tuned.name.endswith("+adapter")
+
+    # The threshold was calibrated after training and comes with the adapter (unless the caller sets one).
+    from cfic.eval.methods import EvalContext
+    from cfic.grounder import Grounder
+
+    calibration = json.loads((out / "adapter" / "cfic.json").read_text())
+    assert 0.0 <= calibration["threshold"] <= 1.0 and calibration["examples"] >= 1
+    g = Grounder.from_pretrained(tiny_model_folder, dtype="float32", adapter=out / "adapter")
+    assert g.config.threshold == calibration["threshold"]
+    assert Grounder.from_pretrained(tiny_model_folder, dtype="float32", adapter=out / "adapter",
+                                    threshold=None).config.threshold is None
+    # The evaluation's zero-shot method runs the same model without the adapter.
+    ctx = EvalContext(str(tiny_model_folder), grounder=g)
+    zero = ctx.zero_shot_grounder
+    assert zero is not g and zero.loaded.adapter is None and zero.config.threshold is None
+    with torch.inference_mode():
+        assert not torch.allclose(zero.loaded.model(ids).logits, g.loaded.model(ids).logits)
+
+
+def test_bad_adapter_settings_are_a_clear_error(tmp_path):
+    from cfic.errors import ModelLoadError
+    from cfic.models import adapter_threshold
+
+    assert adapter_threshold(None) is None and adapter_threshold(tmp_path) is None
+    (tmp_path / "cfic.json").write_text('{"threshold": 2}')
+    with pytest.raises(ModelLoadError, match="threshold"):
+        adapter_threshold(tmp_path)
+    (tmp_path / "cfic.json").write_text("{oops")
+    with pytest.raises(ModelLoadError, match="unreadable"):
+        adapter_threshold(tmp_path)
+
+
+def test_choose_threshold_maximises_right_abstentions():
+    chosen = choose_threshold([0.9, 0.8, 0.3, 0.1], [True, True, False, False])
+    assert chosen["threshold"] == 0.8 and chosen["accuracy"] == 1.0
+    assert chosen["accuracy_without_threshold"] == 0.5 and chosen["unanswerable"] == 2
+    # 4 of 5 right at both 0.1 and 0.8 (one mistake either way): the tie goes to the lower threshold
+    assert choose_threshold([0.9, 0.8, 0.3, 0.1, 0.05], [True, True, False, True, False])["threshold"] == 0.1
+    assert choose_threshold([0.5, 0.4], [True, True])["threshold"] == 0.0  # ties go to abstaining least
+    with pytest.raises(ValueError):
+        choose_threshold([], [])
+
+
+def test_squad_training_windows_keep_the_gold_and_leave_the_calibration_questions_out():
+    from cfic.eval import load_split
+
+    settings = TrainSettings()
+    train_side = load_split("squad", "train")
+    windows = squad_windows(train_side, paragraphs=5, seed=0)
+    assert len(windows) > 0.9 * len(train_side)
+    original = {ex.id: ex for ex in train_side}
+    for w in windows:
+        doc, text = original[w.id].documents[0], w.documents[0]
+        assert text.startswith("Title: Computational complexity theory\n")
+        assert text.count("\n\n") <= 4 and len(text) < len(doc) and text[text.index("\n") + 1:] in doc
+        assert [text[a:b] for _, a, b in w.gold] == [doc[a:b] for _, a, b in original[w.id].gold]
+    held = {ex.id for ex in calibration_examples(settings)}
+    assert 0.15 * len(train_side) < len(held) < 0.35 * len(train_side)
+    assert any(not ex.answerable for ex in calibration_examples(settings))
+    assert squad_windows(train_side, 5, 0) == windows  # seeded
