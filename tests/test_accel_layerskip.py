@@ -78,18 +78,25 @@ def skip_pass_layout(enc, window, starts, shared, base, budget):
     return TreeMask(shared).build(histories, new_positions, at, torch.device("cpu")), torch.tensor([rope]), base
 
 
+def question_pass(g: Grounder, layer_skip: LayerSkip | None = None):
+    """DOC encoded, then the question and the constrained prefix search of its one window, as ``Grounder`` runs
+    them: (encoding, window, question ids, cache, shared length, start candidates). Call inside inference mode."""
+    enc = g.encode([DOC])[0]
+    window = enc.windows[0]
+    q_ids = g.template.query_ids(g.tokenizer, QUERY, g.config.max_query_tokens)
+    cache, first = encode_question(g.runner, window, q_ids, room=4096)
+    shared = cache.length
+    prefixes = constrained_prefix_search(g.runner, cache, first, window.trie, top_k=3, max_steps=64,
+                                         layer_skip=layer_skip)
+    return enc, window, q_ids, cache, shared, candidates(prefixes)
+
+
 def test_the_packed_layout_never_reads_skipped_kv(loaded):
     """Hypotheses interleaved in one row: every attended token of the pass ran every layer the reader runs. A
     schedule that grows with the offset (the wrong direction) is caught by the same check."""
     g = Grounder(loaded, GroundingConfig(layer_skip=3, layer_skip_warmup=1))
-    enc = g.encode([DOC])[0]
-    window = enc.windows[0]
-    q_ids = g.template.query_ids(g.tokenizer, QUERY, g.config.max_query_tokens)
     with torch.inference_mode():
-        cache, first = encode_question(g.runner, window, q_ids, room=4096)
-        shared = cache.length
-        prefixes = constrained_prefix_search(g.runner, cache, first, window.trie, top_k=3, max_steps=64)
-    starts = candidates(prefixes)
+        enc, window, _, cache, shared, starts = question_pass(g)
     base = cache.length
     mask, rope, base = skip_pass_layout(enc, window, starts, shared, base, budget=12)
     skip = LayerSkip(3, 1, 12)
@@ -135,15 +142,8 @@ def test_layer_skipped_span_ends_match_the_reference(loaded, finder):
     budget, max_skip = 24, 3
     g = Grounder(loaded, GroundingConfig(max_span_tokens=budget, max_sentence_tokens=budget))
     skip = LayerSkip(max_skip, 1, budget)
-    enc = g.encode([DOC])[0]
-    window = enc.windows[0]
-    q_ids = g.template.query_ids(g.tokenizer, QUERY, g.config.max_query_tokens)
     with torch.inference_mode():
-        cache, first = encode_question(g.runner, window, q_ids, room=4096)
-        shared = cache.length
-        prefixes = constrained_prefix_search(g.runner, cache, first, window.trie, top_k=3, max_steps=64,
-                                             layer_skip=skip)
-        starts = candidates(prefixes)
+        enc, window, q_ids, cache, shared, starts = question_pass(g, skip)
         ends = finder(g.runner, cache, starts, enc.answer_ids, enc.segment_ids, window.last, budget,
                       g.template.eos_ids, shared, skip)
         plain = finder(g.runner, encode_question(g.runner, window, q_ids, room=4096)[0], starts, enc.answer_ids,
@@ -161,16 +161,10 @@ def test_layer_skipped_span_ends_match_the_reference(loaded, finder):
 def test_skipped_kv_are_zero_and_earlier_cache_untouched(loaded):
     g = Grounder(loaded, GroundingConfig(max_span_tokens=24, max_sentence_tokens=24))
     skip = LayerSkip(3, 1, 8)
-    enc = g.encode([DOC])[0]
-    window = enc.windows[0]
-    q_ids = g.template.query_ids(g.tokenizer, QUERY, g.config.max_query_tokens)
     with torch.inference_mode():
-        cache, first = encode_question(g.runner, window, q_ids, room=4096)
-        shared = cache.length
-        prefixes = constrained_prefix_search(g.runner, cache, first, window.trie, top_k=3, max_steps=64)
+        enc, window, _, cache, shared, starts = question_pass(g)
         before = [k[:, :, : cache.length].clone() for k in cache.keys]
         base = cache.length
-        starts = candidates(prefixes)
         skip_decode_span_end(g.runner, cache, starts, enc.answer_ids, enc.segment_ids, window.last, 24,
                              g.template.eos_ids, shared, skip)
     _, rope, _ = skip_pass_layout(enc, window, starts, shared, base, budget=24)
