@@ -386,7 +386,8 @@ def _response(request_id: str, outcome: JobOutcome, arrived: float) -> GroundRes
                      for d in outcome.retrieved]
     return GroundResponse(
         request_id=request_id, query=r.query, model=r.model,
-        evidence=[EvidenceOut(**e.to_dict()) for e in r.evidence], no_evidence=r.no_evidence, usage=usage,
+        evidence=[EvidenceOut(**e.to_dict()) for e in r.evidence], no_evidence=r.no_evidence,
+        no_evidence_probability=r.no_evidence_probability, usage=usage,
         documents=documents,
     )
 

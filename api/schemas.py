@@ -234,7 +234,11 @@ class GroundResponse(BaseModel):
     query: str
     model: str
     evidence: list[EvidenceOut]
-    no_evidence: bool = Field(description="True when no span passed the threshold (not an error).")
+    no_evidence: bool = Field(description="True when the abstention model judged that nothing in the documents "
+                                          "answers the query, or no span passed the threshold (not an error).")
+    no_evidence_probability: float | None = Field(
+        default=None, description="The abstention model's probability that nothing answers the query (null when "
+                                  "the model has no abstention settings).")
     usage: UsageOut
     documents: list[RetrievedDocument] | None = Field(
         default=None, description="The documents `document_index` refers to, when they came from the index.")

@@ -152,6 +152,7 @@ def _register_components() -> None:
     from cfic.bench import bench_command
     from cfic.distill import distill_swiftkv_command
     from cfic.eval.cli import evaluate_command
+    from cfic.fit_prior import fit_prior_command
     from cfic.retrieval.cli import index_app
     from cfic.train import train_command
 
@@ -160,6 +161,7 @@ def _register_components() -> None:
     app.command("evaluate")(evaluate_command)
     app.command("bench")(bench_command)
     app.command("train")(train_command)
+    app.command("fit-prior")(fit_prior_command)
     app.command("distill-swiftkv")(distill_swiftkv_command)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from cfic.errors import CficError
+from cfic.prior import Abstention, PriorWeights
 
 DEFAULT_INSTRUCTION = (
     "Read the document, then copy, word for word, the sentences of the document that answer the question. "
@@ -17,7 +18,8 @@ class GroundingConfig:
     """How cfic encodes documents and extracts evidence.
 
     ``top_k``: prefixes kept by the constrained prefix search (the CFIC paper uses 3) and evidence spans returned.
-    ``max_span_tokens``: the skip-decoding budget d; a span never runs past it (the paper's d = 256).
+    ``max_span_tokens``: the skip-decoding budget d; a span never runs past it (the paper's d = 256; 128 here: shorter
+    evidence, half the skip-decoding work).
     ``max_sentence_tokens``: longer run-on sentences are cut at word boundaries.
     ``max_query_tokens``: room reserved for the question when a long document is cut into windows.
     ``window_overlap_tokens``: overlap between consecutive windows of a long document; defaults to
@@ -25,6 +27,11 @@ class GroundingConfig:
     ``threshold``: spans scoring below it are dropped; when none remain the result says ``no_evidence``.
     ``max_context_tokens``: defaults to the model's own context length.
     ``encode_batch_tokens``: documents of similar length are prefilled together up to this many padded tokens.
+
+    ``prior``: weights of the sentence prior (sentence-embedding and BM25 signals) combined with the LM in the
+    constrained prefix search (:mod:`cfic.prior`); ``None`` runs the pure-LM search of the CFIC paper.
+    ``abstention``: the fitted question-level ``no_evidence`` model; ``None`` never abstains (``threshold`` still
+    drops low-scoring spans). Both come with the adapter (``cfic/data/adapter/cfic.json``).
 
     Acceleration (all off by default; ``cfic bench`` measures each against the full model):
     ``swiftkv_layer``: SwiftKV SingleInputKV from this layer on — the K/V of layers ``>= swiftkv_layer`` come from
@@ -38,7 +45,7 @@ class GroundingConfig:
     """
 
     top_k: int = 3
-    max_span_tokens: int = 256
+    max_span_tokens: int = 128
     max_sentence_tokens: int = 96
     max_query_tokens: int = 256
     max_prefix_tokens: int = 48
@@ -52,6 +59,8 @@ class GroundingConfig:
     swiftkv_group: int = 1
     layer_skip: int = 0
     layer_skip_warmup: int = 4
+    prior: PriorWeights | None = None
+    abstention: Abstention | None = None
 
     def __post_init__(self) -> None:
         positive = ("top_k", "max_span_tokens", "max_sentence_tokens", "max_query_tokens", "max_prefix_tokens",
@@ -71,6 +80,10 @@ class GroundingConfig:
             raise CficError(f"swiftkv_layer must be a positive integer, got {self.swiftkv_layer!r}")
         if not isinstance(self.swiftkv_group, int) or isinstance(self.swiftkv_group, bool) or self.swiftkv_group < 1:
             raise CficError(f"swiftkv_group must be a positive integer, got {self.swiftkv_group!r}")
+        if self.prior is not None and not isinstance(self.prior, PriorWeights):
+            raise CficError(f"prior must be PriorWeights or None, got {type(self.prior).__name__}")
+        if self.abstention is not None and not isinstance(self.abstention, Abstention):
+            raise CficError(f"abstention must be an Abstention or None, got {type(self.abstention).__name__}")
         for name in ("layer_skip", "layer_skip_warmup"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -89,7 +102,8 @@ class GroundingConfig:
     def encoding_key(self) -> tuple:
         """The fields that change a document's encoding (for caches keyed by configuration)."""
         return (self.max_span_tokens, self.max_sentence_tokens, self.max_query_tokens, self.overlap_tokens,
-                self.max_context_tokens, self.language, self.instruction, self.swiftkv_layer, self.swiftkv_group)
+                self.max_context_tokens, self.language, self.instruction, self.swiftkv_layer, self.swiftkv_group,
+                self.prior is not None)
 
 
 def acceleration_options(swiftkv_layer: int | None = None, swiftkv_group: int | None = None,

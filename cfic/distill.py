@@ -166,7 +166,8 @@ def distill(settings: DistillSettings, progress: bool = True, loaded=None) -> di
     if not 1 <= layer < n_layers:
         raise CficError(f"--layer must lie in [1, {n_layers - 1}] for a {n_layers}-layer model, got {layer}")
     ckpt_path = out / "checkpoint.pt"
-    state = torch.load(ckpt_path, weights_only=False) if ckpt_path.is_file() else None
+    # weights_only: resuming never unpickles code from a folder that may not be yours.
+    state = torch.load(ckpt_path, weights_only=True) if ckpt_path.is_file() else None
     if state is not None:
         saved = state["settings"]
         for key in ("layer", "group", "q_rank", "seed", "passages", "answer_tokens"):

@@ -3,7 +3,9 @@ across documents; it holds the model and configuration, never per-query state.""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import math
 import os
 import time
 from collections.abc import Iterable, Sequence
@@ -15,12 +17,13 @@ import torch
 from cfic.config import GroundingConfig
 from cfic.decoding.encode import DocumentEncoding, PromptTemplate, encode_documents, encode_question
 from cfic.decoding.layerskip import LayerSkip
-from cfic.decoding.prefix import constrained_prefix_search
+from cfic.decoding.prefix import SearchPrior, constrained_prefix_search, end_probability, rank
 from cfic.decoding.runner import LayerRunner
 from cfic.decoding.skip import SpanEnd, candidates, greedy_span_end, skip_decode_span_end
 from cfic.decoding.swiftkv import SwiftKV
 from cfic.errors import CficError
-from cfic.models import LoadedModel, adapter_threshold, load_model
+from cfic.models import LoadedModel, adapter_settings, load_model
+from cfic.prior import SentencePrior, abstention_features
 from cfic.text import Sentence, split_sentences
 from cfic.types import Document, Evidence, GroundingResult, Usage
 
@@ -65,7 +68,8 @@ class Grounder:
     >>> g.ground("Who wrote it?", ["Some long text ..."])  # doctest: +SKIP
     """
 
-    def __init__(self, loaded: LoadedModel, config: GroundingConfig | None = None, swiftkv: SwiftKV | None = None):
+    def __init__(self, loaded: LoadedModel, config: GroundingConfig | None = None, swiftkv: SwiftKV | None = None,
+                 sentence_prior: SentencePrior | None = None):
         self.loaded = loaded
         config = config or GroundingConfig()
         self.tokenizer = loaded.tokenizer
@@ -83,6 +87,8 @@ class Grounder:
             raise CficError("swiftkv_group (AcrossKV) needs swiftkv_layer")
         self.config = config
         self.swiftkv = swiftkv
+        # The prior's features are computed with every encoding when the configuration uses a prior.
+        self.sentence_prior = (sentence_prior or SentencePrior()) if config.prior is not None else None
         self.runner = LayerRunner(loaded.model, swiftkv)
         self._layer_skip(config)  # validate the schedule against the model once
         gen = getattr(loaded.model, "generation_config", None)
@@ -90,7 +96,9 @@ class Grounder:
         eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
         self.template = PromptTemplate.for_tokenizer(self.tokenizer, self.config.instruction, eos_ids)
         self.max_context = self.config.max_context_tokens or self.runner.max_positions
-        key = f"{loaded.name}|{loaded.dtype}|{self.config.encoding_key()}|{swiftkv.digest() if swiftkv else ''}"
+        prior_name = self.sentence_prior.name if self.sentence_prior is not None else ""
+        key = (f"{loaded.name}|{loaded.dtype}|{self.config.encoding_key()}|{swiftkv.digest() if swiftkv else ''}"
+               f"|{prior_name}")
         self.model_key = hashlib.sha256(key.encode()).hexdigest()[:16]
 
     def _layer_skip(self, cfg: GroundingConfig) -> LayerSkip | None:
@@ -119,15 +127,16 @@ class Grounder:
         """Load ``model`` (default: the packaged SmolLM2-135M-Instruct) with GroundingConfig ``options``.
 
         ``adapter="auto"`` applies the bundled CFIC adapter to the default model when it is shipped; ``None``
-        turns it off; a path applies that PEFT adapter. An adapter brings its calibrated ``threshold`` (below it:
-        ``no_evidence``) unless ``threshold`` is passed (``threshold=None`` turns abstention off).
+        turns it off; a path applies that PEFT adapter. An adapter brings the settings fitted with it (its
+        ``cfic.json``): the sentence ``prior`` weights, the ``abstention`` model and a span ``threshold``, unless
+        they are passed (``prior=None`` runs the pure-LM search, ``abstention=None`` never abstains).
         ``swiftkv``: distilled SwiftKV parameters (a file written by ``cfic distill-swiftkv``, or ``"bundled"`` for
         the ones shipped with cfic for the default model); their layer and group set ``swiftkv_layer`` and
         ``swiftkv_group``. Without it, ``swiftkv_layer=...`` runs zero-training SwiftKV.
         """
         loaded = load_model(model, device=device, dtype=dtype, adapter=adapter)
-        if "threshold" not in options:
-            options["threshold"] = adapter_threshold(loaded.adapter)
+        for name, value in adapter_settings(loaded.adapter).items():
+            options.setdefault(name, value)
         config = GroundingConfig().with_options(**options)
         params = None
         if isinstance(swiftkv, SwiftKV):
@@ -197,6 +206,9 @@ class Grounder:
             self.runner, self.tokenizer, self.template, [(d.id, d.text, d.metadata) for _, d in todo],
             self.config, self.max_context, self.model_key, progress=progress,
         )
+        if self.sentence_prior is not None:
+            encoded = [dataclasses.replace(e, features=self.sentence_prior.features(e.text, e.sentences))
+                       for e in encoded]
         out: list[Any] = list(docs)
         for (j, _), enc in zip(todo, encoded, strict=True):
             out[j] = enc
@@ -212,10 +224,16 @@ class Grounder:
         max_span_tokens: int | None = None,
         threshold: float | None = None,
         skip_decoding: bool = True,
+        use_prior: bool = True,
+        abstain: bool = True,
     ) -> GroundingResult:
-        """Evidence for ``query``: at most ``top_k`` verbatim spans ranked by score across all documents."""
+        """Evidence for ``query``: at most ``top_k`` verbatim spans ranked by score across all documents.
+
+        ``use_prior=False`` runs the pure-LM prefix search even when the configuration has a prior (the
+        ablation); ``abstain=False`` skips the ``no_evidence`` model."""
         return self.ground_batch([query], documents, top_k=top_k, max_span_tokens=max_span_tokens,
-                                 threshold=threshold, skip_decoding=skip_decoding)[0]
+                                 threshold=threshold, skip_decoding=skip_decoding, use_prior=use_prior,
+                                 abstain=abstain)[0]
 
     def ground_batch(
         self,
@@ -226,6 +244,8 @@ class Grounder:
         max_span_tokens: int | None = None,
         threshold: float | None = None,
         skip_decoding: bool = True,
+        use_prior: bool = True,
+        abstain: bool = True,
     ) -> list[GroundingResult]:
         """Many questions over the same documents: each document is encoded once."""
         if isinstance(queries, str):
@@ -250,28 +270,53 @@ class Grounder:
             t1 = time.perf_counter()
             usage = Usage(encode_ms=encode_ms if qi == 0 else 0.0,
                           cached_tokens=n_cached if qi == 0 else sum(e.n_tokens for e in encodings))
+            signals = self._signals(query, encodings) if use_prior else None
             with torch.inference_mode():
-                spans = self._spans(ids, encodings, cfg, skip_decoding, usage)
+                spans, p_end_first = self._spans(ids, encodings, cfg, skip_decoding, usage, signals)
             evidence = self._rank(spans, encodings, cfg)
+            p_none = None
+            if abstain and cfg.abstention is not None and signals is not None:
+                best = max((math.log(max(s.score, 1e-30)) for s in spans), default=-50.0)
+                p_none = cfg.abstention.probability(abstention_features(p_end_first, signals, best))
+                if p_none >= cfg.abstention.threshold:
+                    evidence = []
             usage.input_tokens = sum(e.n_tokens for e in encodings) + len(ids) * sum(len(e.windows) for e in encodings)
             usage.latency_ms = (time.perf_counter() - t1) * 1000 + usage.encode_ms
-            results.append(GroundingResult(query, self.model_name, evidence, not evidence, usage))
+            results.append(GroundingResult(query, self.model_name, evidence, not evidence, usage, p_none))
         return results
 
+    def _signals(self, query: str, encodings: list[DocumentEncoding]) -> list | None:
+        """The prior's per-sentence signals for each document, or None when the configuration has no prior."""
+        if self.sentence_prior is None or self.config.prior is None:
+            return None
+        missing = [i for i, e in enumerate(encodings) if e.features is None]
+        if missing:
+            raise CficError(f"document {missing[0]} was encoded without the sentence prior's features")
+        vector = self.sentence_prior.query_vector(query)
+        return [SentencePrior.signals(query, vector, e.features) for e in encodings]
+
     def _spans(self, query_ids: list[int], encodings: list[DocumentEncoding], cfg: GroundingConfig,
-               skip_decoding: bool, usage: Usage) -> list[_Span]:
+               skip_decoding: bool, usage: Usage, signals: list | None = None) -> tuple[list[_Span], float]:
+        """Spans from every window of every document, and the smallest end-of-evidence probability at the first
+        answer position over all windows (an abstention feature)."""
         spans: list[_Span] = []
+        p_end_first = 1.0
         room = cfg.top_k * (cfg.max_prefix_tokens + 1)
         find_end = skip_decode_span_end if skip_decoding else greedy_span_end
         layer_skip = self._layer_skip(cfg)
         for d, enc in enumerate(encodings):
             doc_spans: list[_Span] = []
+            search_prior = None
+            if signals is not None and cfg.prior is not None:
+                log_prior = torch.from_numpy(SentencePrior.log_prior(signals[d], cfg.prior))
+                search_prior = SearchPrior(log_prior, cfg.prior.lm)
             for window in enc.windows:
                 t0 = time.perf_counter()
                 cache, first = encode_question(self.runner, window, query_ids, room)
+                p_end_first = min(p_end_first, end_probability(first, self.template.eos_ids))
                 shared = cache.length
                 prefixes = constrained_prefix_search(self.runner, cache, first, window.trie, cfg.top_k,
-                                                     cfg.max_prefix_tokens, layer_skip)
+                                                     cfg.max_prefix_tokens, layer_skip, search_prior)
                 t1 = time.perf_counter()
                 starts = candidates(prefixes)
                 ends: list[SpanEnd] = find_end(self.runner, cache, starts, enc.answer_ids, enc.segment_ids,
@@ -280,10 +325,10 @@ class Grounder:
                 usage.prefix_ms += (t1 - t0) * 1000
                 usage.skip_ms += (time.perf_counter() - t1) * 1000
                 for (prefix, _), end in zip(starts, ends, strict=True):
-                    doc_spans.append(_Span(d, end.start, end.end, float(torch.tensor(prefix.score).exp()),
+                    doc_spans.append(_Span(d, end.start, end.end, math.exp(rank(prefix, search_prior)),
                                            end.end_probability))
             spans.extend(_merge_overlapping(doc_spans))
-        return spans
+        return spans, p_end_first
 
     def _rank(self, spans: list[_Span], encodings: list[DocumentEncoding], cfg: GroundingConfig) -> list[Evidence]:
         ranked = sorted(spans, key=lambda s: (-s.score, s.document_index, s.start))

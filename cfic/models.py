@@ -65,6 +65,35 @@ def adapter_threshold(adapter: str | os.PathLike | None) -> float | None:
     return float(value)
 
 
+def adapter_settings(adapter: str | os.PathLike | None) -> dict[str, object]:
+    """GroundingConfig options fitted with an adapter (its ``cfic.json``): ``threshold``, ``prior`` and
+    ``abstention``, each present only when the file sets it. Scores belong to the weights that produced them, so
+    these travel with the adapter."""
+    from cfic.prior import Abstention, PriorWeights
+
+    if adapter is None:
+        return {}
+    path = Path(adapter) / ADAPTER_SETTINGS
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"unreadable adapter settings {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object")
+    out: dict[str, object] = {"threshold": adapter_threshold(adapter)}
+    try:
+        if isinstance(data.get("prior"), dict):
+            out["prior"] = PriorWeights.from_dict(data["prior"]["weights"] if "weights" in data["prior"]
+                                                  else data["prior"])
+        if isinstance(data.get("abstention"), dict):
+            out["abstention"] = Abstention.from_dict(data["abstention"])
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ModelLoadError(f"{path}: {exc}") from exc
+    return out
+
+
 def apply_adapter(model: torch.nn.Module, adapter: Path) -> torch.nn.Module:
     """Merge a PEFT LoRA adapter into the weights, so inference runs plain linear layers (no adapter overhead)."""
     from peft import PeftModel

@@ -237,7 +237,7 @@ def train(settings: TrainSettings, progress: bool = True, calibrate_after: bool 
     ckpt = out / "checkpoint"
     step, losses = 0, []
     if (ckpt / "trainer_state.pt").is_file():
-        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+        state = torch.load(ckpt / "trainer_state.pt", weights_only=True)  # never unpickle code
         set_peft_model_state_dict(model, load_file(ckpt / "adapter_model.safetensors"))
         optimizer.load_state_dict(state["optimizer"])
         step, losses = state["step"], state["losses"]

@@ -20,7 +20,8 @@ class Evidence:
     """A verbatim span: ``text == documents[document_index].text[start_char:end_char]``.
 
     ``sentence_start``/``sentence_end`` are half-open sentence indices into the document's sentence list.
-    ``score`` is the geometric-mean probability of the prefix that picked the start sentence (0..1);
+    ``score`` is exp of the prefix search's ranking score (0..1): the geometric-mean probability of the prefix that
+    picked the start sentence (raised to the LM weight) times the sentence prior's probability of that sentence;
     ``end_probability`` is the model's end-of-evidence probability where the span ends.
     """
 
@@ -53,13 +54,15 @@ class Usage:
 
 @dataclass
 class GroundingResult:
-    """Evidence ranked by score across all documents; ``no_evidence`` when nothing passes the threshold."""
+    """Evidence ranked by score across all documents; ``no_evidence`` when the abstention model says nothing in the
+    documents answers the query, or when no span passes the threshold."""
 
     query: str
     model: str
     evidence: list[Evidence]
     no_evidence: bool
     usage: Usage
+    no_evidence_probability: float | None = None  # the abstention model's P(no evidence), when one is configured
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -67,5 +70,6 @@ class GroundingResult:
             "model": self.model,
             "evidence": [e.to_dict() for e in self.evidence],
             "no_evidence": self.no_evidence,
+            "no_evidence_probability": self.no_evidence_probability,
             "usage": self.usage.to_dict(),
         }

@@ -113,6 +113,7 @@ class DocumentEncoding:
     segment_ids: tuple[tuple[int, ...], ...]
     windows: tuple[EncodedWindow, ...]
     model_key: str
+    features: Any = None  # cfic.prior.SentenceFeatures when the grounder uses a sentence prior
 
     @property
     def n_tokens(self) -> int:
@@ -121,7 +122,7 @@ class DocumentEncoding:
 
     @property
     def nbytes(self) -> int:
-        return sum(w.kv.nbytes() for w in self.windows)
+        return sum(w.kv.nbytes() for w in self.windows) + (self.features.nbytes if self.features is not None else 0)
 
 
 @dataclass(frozen=True)

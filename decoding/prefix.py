@@ -32,6 +32,7 @@ class Prefix:
     logprob_sum: float
     positions: tuple[int, ...]
     sentences: tuple[int, ...] | None = None
+    prior: float = 0.0  # log prior mass of the sentences this prefix can still become (0 without a prior)
 
     @property
     def score(self) -> float:
@@ -39,23 +40,53 @@ class Prefix:
         return self.logprob_sum / max(1, len(self.tokens))
 
 
-def _expand(trie: SentenceTrie, prefix: Prefix, logprobs: Tensor, top_k: int) -> list[Prefix]:
-    """The best ``top_k`` one-token extensions of ``prefix`` inside the trie (never an empty set)."""
+@dataclass(frozen=True)
+class SearchPrior:
+    """A per-sentence log prior for one window's search: a prefix ranks by ``lm_weight * score + prior`` where
+    ``prior`` is the log of the prior mass of the sentences below its trie node (it can only shrink as the prefix
+    grows, so early steps keep the sentences the prior likes in the beam)."""
+
+    log_prior: Tensor  # (document sentences,) float32, log-normalised over the document
+    lm_weight: float = 1.0
+
+    def node(self, trie: SentenceTrie, node: int) -> float:
+        return float(torch.logsumexp(self.log_prior[trie.nodes[node].sentences], dim=0))
+
+    def node_terminal(self, sentences: list[int]) -> float:
+        return float(torch.logsumexp(self.log_prior[sentences], dim=0))
+
+
+def rank(prefix: Prefix, prior: SearchPrior | None) -> float:
+    """What the search maximises: the average log-probability, plus the prior when there is one."""
+    return prefix.score if prior is None else prior.lm_weight * prefix.score + prefix.prior
+
+
+def _expand(trie: SentenceTrie, prefix: Prefix, logprobs: Tensor, top_k: int,
+            prior: SearchPrior | None = None) -> list[Prefix]:
+    """The best ``top_k`` one-token extensions of ``prefix`` inside the trie by :func:`rank` (never empty)."""
     out: list[Prefix] = []
     node = trie.nodes[prefix.node]
     if node.terminal and node.children:
         # A sentence ends here while longer ones continue: finishing is an option that costs no token.
-        out.append(Prefix(prefix.node, prefix.tokens, prefix.logprob_sum, prefix.positions, tuple(node.terminal)))
+        p_term = prior.node_terminal(node.terminal) if prior is not None else 0.0
+        out.append(Prefix(prefix.node, prefix.tokens, prefix.logprob_sum, prefix.positions, tuple(node.terminal),
+                          p_term))
     allowed = trie.child_tokens(prefix.node)
     if allowed.numel() == 0:
         return out
-    scores = logprobs.index_select(0, allowed.to(logprobs.device))
-    best = torch.topk(scores, k=min(top_k, allowed.numel()))
-    for value, idx in zip(best.values.tolist(), best.indices.tolist(), strict=True):
-        token = int(allowed[idx])
-        child = trie.child(prefix.node, token)
-        out.append(Prefix(child, (*prefix.tokens, token), prefix.logprob_sum + value, prefix.positions,
-                          trie.identified(child)))
+    scores = logprobs.index_select(0, allowed.to(logprobs.device)).float().cpu()
+    children = [trie.child(prefix.node, t) for t in allowed.tolist()]
+    priors = torch.zeros(len(children))
+    ranked = scores
+    if prior is not None:
+        priors = torch.tensor([prior.node(trie, c) for c in children])
+        n = len(prefix.tokens) + 1
+        ranked = prior.lm_weight * (prefix.logprob_sum + scores) / n + priors
+    best = torch.topk(ranked, k=min(top_k, allowed.numel()))
+    for idx in best.indices.tolist():
+        token, child = int(allowed[idx]), children[idx]
+        out.append(Prefix(child, (*prefix.tokens, token), prefix.logprob_sum + float(scores[idx]), prefix.positions,
+                          trie.identified(child), float(priors[idx])))
     return out
 
 
@@ -67,13 +98,14 @@ def constrained_prefix_search(
     top_k: int,
     max_steps: int,
     layer_skip: LayerSkip | None = None,
+    prior: SearchPrior | None = None,
 ) -> list[Prefix]:
     """Top-k constrained prefix search over ``trie`` after the question in ``cache``.
 
     ``first_logprobs``: log-probabilities of the first answer token. ``cache`` holds document + question and gets the
     decoded tokens appended (positions recorded per prefix). Returns up to ``top_k`` finished prefixes, best first.
     ``layer_skip``: SkipDecode schedule by answer offset (every live prefix has the same length, so one step's tokens
-    share one offset).
+    share one offset). ``prior``: rank prefixes by the LM and a per-sentence prior together (:func:`rank`).
     """
     shared = cache.length  # document + question: seen by every prefix
     masks = TreeMask(shared)
@@ -83,16 +115,16 @@ def constrained_prefix_search(
     for step in range(max_steps + 1):
         candidates = list(finished)
         for prefix, logprobs in zip(live, rows, strict=True):
-            candidates.extend(_expand(trie, prefix, logprobs, top_k))
-        candidates.sort(key=lambda p: (-p.score, p.tokens))
+            candidates.extend(_expand(trie, prefix, logprobs, top_k, prior))
+        candidates.sort(key=lambda p: (-rank(p, prior), p.tokens))
         pool = candidates[:top_k]
         finished = [p for p in pool if p.sentences is not None]
         live = [p for p in pool if p.sentences is None]
         if not live:
             break
         if step == max_steps:  # safety bound: resolve to the first sentence each prefix still allows
-            finished += [Prefix(p.node, p.tokens, p.logprob_sum, p.positions, (trie.nodes[p.node].sentences[0],))
-                         for p in live]
+            finished += [Prefix(p.node, p.tokens, p.logprob_sum, p.positions, (trie.nodes[p.node].sentences[0],),
+                                p.prior) for p in live]
             break
         # Feed each live prefix's newest token; all of them in one packed row.
         start = cache.length
@@ -103,9 +135,9 @@ def constrained_prefix_search(
         cache.ensure_room(len(live))
         hidden = forward(runner, ids, rope, cache, mask, run=run_for(runner, layer_skip, rope, shared))
         rows = torch.log_softmax(runner.logits(hidden[0]), dim=-1)
-        live = [Prefix(p.node, p.tokens, p.logprob_sum, (*p.positions, start + i), p.sentences)
+        live = [Prefix(p.node, p.tokens, p.logprob_sum, (*p.positions, start + i), p.sentences, p.prior)
                 for i, p in enumerate(live)]
-    finished.sort(key=lambda p: (-p.score, p.tokens))
+    finished.sort(key=lambda p: (-rank(p, prior), p.tokens))
     return finished
 
 

@@ -5,7 +5,7 @@ rotary positions of every token itself, and (for acceleration) runs different la
 the model's own modules — embeddings, rotary embedding, decoder layers, final norm, LM head — in the order its
 modeling file does, and hand each attention layer a ``KVCache`` whose ``update`` writes into preallocated buffers.
 Works for the Llama family (Llama, Qwen2/3, Mistral, SmolLM) whose decoder layers take
-``(hidden_states, attention_mask, position_embeddings, past_key_values)``.
+``(hidden_states, attention_mask, position_embeddings, cache)`` (``past_key_values`` before transformers 5.2x).
 
 Three ways a pass can run less than every layer for every token, all visible in ``forward``:
 
@@ -21,6 +21,8 @@ Three ways a pass can run less than every layer for every token, all visible in 
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -250,16 +252,26 @@ class LayerRunner:
         cache: KVCache | None,
         mask: Tensor | None,
     ) -> Tensor:
+        layer = self.layers[index]
         extra = {"cfic_gqa": True} if self._gqa else {}
-        out = self.layers[index](
-            hidden, attention_mask=mask, position_embeddings=rope, past_key_values=cache, use_cache=cache is not None,
-            **extra,
-        )
+        extra[_cache_keyword(type(layer))] = cache
+        out = layer(hidden, attention_mask=mask, position_embeddings=rope, use_cache=cache is not None, **extra)
         return out[0] if isinstance(out, tuple) else out
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Final norm + LM head, in float32 for stable log-softmax."""
         return self.lm_head(self.norm(hidden)).float()
+
+
+@functools.cache
+def _cache_keyword(layer_class: type) -> str:
+    """``cache`` on transformers >= 5.2x (``past_key_values`` is deprecated there and goes away in 5.40), else
+    ``past_key_values``: read from the decoder layer's own signature, once per class."""
+    try:
+        params = inspect.signature(layer_class.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def forward(

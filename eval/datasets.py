@@ -247,7 +247,7 @@ def build_nq_examples(
     exclude: set[str] | frozenset[str] = frozenset(),
 ) -> list[Example]:
     """Documents of K passages for ``records[i]`` (i in ``selected``), distractors from ``pool_members``."""
-    from cfic.eval.bm25 import BM25
+    from cfic.retrieval.bm25 import BM25
 
     if k < 1:
         raise CficError(f"--k must be at least 1, got {k}")

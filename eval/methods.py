@@ -6,9 +6,11 @@ Each method turns (question, documents) into evidence :class:`~cfic.eval.metrics
 * ``cfic`` — the full pipeline (``Grounder.ground``), and ``cfic-no-skip`` — the same with
   ``skip_decoding=False`` (after the prefix picks the start sentence, greedy token-by-token decoding under
   the document constraint until end-of-evidence). Both reuse one encoding per document.
-* ``cfic-zero-shot`` — the full pipeline on the same model without the CFIC adapter (what fine-tuning buys;
-  identical to ``cfic`` when no adapter is applied). It has its own encoding (other weights) and no calibrated
-  threshold.
+* ``cfic-lm-only`` — the same encoding and adapter, with the pure-LM prefix search of the CFIC paper (no sentence
+  prior, hence no abstention model either).
+* ``prior`` — the sentence prior alone (its fitted signal weights; no LM): the top sentences by prior logit.
+* ``cfic-zero-shot`` — the pure-LM pipeline on the same model without the CFIC adapter and its fitted settings
+  (prior, abstention, threshold): what fine-tuning buys. It has its own encoding (other weights).
 * ``embedding`` — all-MiniLM-L6-v2 cosine between the question and each sentence, top sentences (LangChain's
   ``EmbeddingsFilter`` idea).
 * ``bm25`` — BM25 (``bm25s``) between the question and each sentence, top sentences.
@@ -46,7 +48,8 @@ from cfic.eval.datasets import Example
 from cfic.eval.metrics import Span, locate
 from cfic.text import Sentence, split_sentences
 
-METHOD_NAMES = ("cfic", "cfic-no-skip", "cfic-zero-shot", "embedding", "bm25", "generate", "full-document", "random")
+METHOD_NAMES = ("cfic", "cfic-lm-only", "cfic-no-skip", "cfic-zero-shot", "prior", "embedding", "bm25", "generate",
+                "full-document", "random")
 DEFAULT_BUDGET = 3
 GENERATE_SLACK_TOKENS = 32
 GENERATE_DEFAULT_TOKENS = 128
@@ -111,7 +114,8 @@ class EvalContext:
 
             self._zero_shot = Grounder.from_pretrained(self.model, device=main.loaded.device,
                                                        dtype=main.loaded.dtype, adapter=None,
-                                                       **{**main.config.__dict__, "threshold": None})
+                                                       **{**main.config.__dict__, "threshold": None,
+                                                          "prior": None, "abstention": None})
         return self._zero_shot
 
     @property
@@ -183,10 +187,12 @@ class CficMethod(Method):
     needs_lm = True
     state_key = "cfic-encoding"
 
-    def __init__(self, name: str, skip_decoding: bool, threshold: float | None = None) -> None:
+    def __init__(self, name: str, skip_decoding: bool, threshold: float | None = None,
+                 use_prior: bool = True) -> None:
         self.name = name
         self.skip_decoding = skip_decoding
         self.threshold = threshold
+        self.use_prior = use_prior
 
     def grounder(self, ctx: EvalContext) -> Any:
         return ctx.grounder
@@ -196,7 +202,7 @@ class CficMethod(Method):
 
     def run(self, ctx: EvalContext, example: Example, state: Any, budget: Budget) -> MethodOutput:
         result = self.grounder(ctx).ground(example.question, state, skip_decoding=self.skip_decoding,
-                                           threshold=self.threshold)
+                                           threshold=self.threshold, use_prior=self.use_prior)
         spans = [Span(e.document_index, e.start_char, e.end_char, e.text) for e in result.evidence]
         chosen = {(e.document_index, i) for e in result.evidence
                   for i in range(e.sentence_start, e.sentence_end)}
@@ -244,7 +250,7 @@ class BM25Method(Method):
     name = "bm25"
 
     def prepare(self, ctx: EvalContext, documents: Sequence[str]) -> Any:
-        from cfic.eval.bm25 import BM25
+        from cfic.retrieval.bm25 import BM25
 
         units = _Units.of(ctx, documents)
         return units, BM25([s.text for s in units.sentences])
@@ -267,6 +273,31 @@ class EmbeddingMethod(Method):
         units, vectors = state
         query = ctx.embedder.embed_query(example.question)
         picked = _top(vectors @ query, budget.sentences)
+        return MethodOutput(units.spans(picked), sentences=len(picked))
+
+
+class PriorMethod(Method):
+    """The sentence prior that ``cfic`` combines with the LM, on its own: what the LM adds over it."""
+
+    name = "prior"
+    needs_embedder = True
+
+    def prepare(self, ctx: EvalContext, documents: Sequence[str]) -> Any:
+        from cfic.prior import SentencePrior
+
+        weights = ctx.grounder.config.prior
+        if weights is None:
+            raise CficError("the 'prior' method needs fitted prior weights (the adapter's cfic.json)")
+        prior = SentencePrior(ctx.embedder)
+        units = _Units.of(ctx, documents)
+        feats = [prior.features(text, ctx.split(text)) for text in documents]
+        return units, prior, feats, weights
+
+    def run(self, ctx: EvalContext, example: Example, state: Any, budget: Budget) -> MethodOutput:
+        units, prior, feats, weights = state
+        query = prior.query_vector(example.question)
+        logits = np.concatenate([prior.signals(example.question, query, f) @ weights.signal_weights for f in feats])
+        picked = _top(logits, budget.sentences)
         return MethodOutput(units.spans(picked), sentences=len(picked))
 
 
@@ -384,7 +415,9 @@ def make_methods(names: Sequence[str], *, generate_max_tokens: int = GENERATE_MA
         raise CficError(f"--threshold must lie in [0, 1], got {threshold}")
     factories = {
         "cfic": lambda: CficMethod("cfic", True, threshold),
+        "cfic-lm-only": lambda: CficMethod("cfic-lm-only", True, threshold, use_prior=False),
         "cfic-no-skip": lambda: CficMethod("cfic-no-skip", False, threshold),
+        "prior": PriorMethod,
         "cfic-zero-shot": lambda: ZeroShotCficMethod(threshold),
         "embedding": EmbeddingMethod,
         "bm25": BM25Method,

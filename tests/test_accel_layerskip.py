@@ -19,6 +19,8 @@ from cfic.decoding.skip import _continuation, candidates, greedy_span_end, skip_
 from cfic.decoding.swiftkv import SwiftKV
 from cfic.grounder import Grounder
 
+pytestmark = pytest.mark.numerics  # also run under other CPU kernel sets (make test)
+
 DOC = (
     "The river rises in the mountains. The river flows north to the sea. Salmon swim up the river in autumn.\n"
     "Bridges cross it at three towns. A ferry still runs at night. Fishing is allowed in summer only. "

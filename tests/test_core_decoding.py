@@ -11,6 +11,8 @@ from cfic.decoding.encode import encode_question
 from cfic.decoding.prefix import constrained_prefix_search
 from cfic.decoding.skip import candidates, greedy_span_end, skip_decode_span_end
 
+pytestmark = pytest.mark.numerics  # also run under other CPU kernel sets (make test)
+
 DOC = (
     "The river rises in the mountains. The river flows north to the sea. Salmon swim up the river in autumn.\n"
     "Bridges cross it at three towns. The river flows north to the sea. A ferry still runs at night.\n"

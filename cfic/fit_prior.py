@@ -1,0 +1,222 @@
+"""``cfic fit-prior``: fit the sentence prior's weights, the LM weight and the abstention model on the training
+splits only, and write them into the adapter's ``cfic.json``.
+
+Three stages, each on training-side examples (the evaluation splits are never read):
+
+1. *Signal weights* (no LM): the weights of cosine(question, sentence), cosine(question, paragraph) and BM25 that
+   put an answer-bearing sentence among the prior's top ``top_k`` most often (NQ and HotpotQA train).
+2. *Prior scale and LM weight*: the real constrained prefix search with the prior, over a grid; the objective is
+   the same top-``top_k`` hit rate of the start sentences it picks (the pure-LM search is one row of the grid).
+3. *Abstention*: a logistic model of "nothing here answers" from the question-level features
+   (:data:`cfic.prior.ABSTENTION_FEATURES`) on the SQuAD training questions that LoRA training held out
+   (answerable and unanswerable) plus the stage-2 NQ/HotpotQA questions (answerable), at the chosen weights.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import typer
+
+from cfic.errors import CficError
+from cfic.prior import ABSTENTION_FEATURES, Abstention, PriorWeights, SentencePrior, abstention_features
+
+SENTENCE_GRID = (0.0, 1.0)
+PARAGRAPH_GRID = (0.0, 0.25, 0.5, 1.0, 2.0)
+BM25_GRID = (0.0, 0.05, 0.1, 0.2, 0.4)
+SCALE_GRID = (5.0, 10.0, 20.0)
+LM_GRID = (0.0, 0.5, 1.0, 2.0)
+
+
+def _answer_mask(sentences, answers) -> np.ndarray:
+    from cfic.eval.metrics import contains_answer
+
+    return np.array([contains_answer(s.text, answers) for s in sentences], dtype=bool)
+
+
+def top_hit(scores: np.ndarray, mask: np.ndarray, k: int) -> bool:
+    """An answer-bearing sentence among the ``k`` best scores (ties to the earlier sentence)."""
+    return bool(mask[np.argsort(-scores, kind="stable")[:k]].any())
+
+
+def fit_signal_weights(items: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, float]:
+    """Stage 1: the direction of the signal weights with the best top-k hit rate (``sentence`` fixed to 1 or 0)."""
+    best, best_rate = None, -1.0
+    for w in itertools.product(SENTENCE_GRID, PARAGRAPH_GRID, BM25_GRID):
+        if not any(w):
+            continue
+        vec = np.array(w, dtype=np.float32)
+        rate = float(np.mean([top_hit(sig @ vec, mask, k) for sig, mask in items]))
+        if rate > best_rate + 1e-9:
+            best, best_rate = vec, rate
+    assert best is not None
+    return best, best_rate
+
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-2, steps: int = 3000) -> tuple[np.ndarray, float,
+                                                                                                np.ndarray, np.ndarray]:
+    """L2-regularised logistic regression on standardised features (plain gradient descent: 4 features, a few
+    hundred rows). Returns coefficients and intercept on the *raw* feature scale, plus the standardisation."""
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    z = (x - mu) / sd
+    w, b = np.zeros(z.shape[1]), 0.0
+    pos = y.mean()
+    weights = np.where(y == 1, 0.5 / max(pos, 1e-6), 0.5 / max(1 - pos, 1e-6))  # balanced classes
+    for _ in range(steps):
+        p = 1 / (1 + np.exp(-(z @ w + b)))
+        g = (p - y) * weights
+        w -= 0.1 * (z.T @ g / len(y) + l2 * w)
+        b -= 0.1 * g.mean()
+    coef = w / sd
+    return coef, float(b - (coef * mu).sum()), mu, sd
+
+
+def fit_prior_command(
+    examples: Annotated[int, typer.Option("--examples", min=4, help="NQ train questions for stage 1/2.")] = 60,
+    hotpot_examples: Annotated[int, typer.Option("--hotpot-examples", min=0,
+                                                 help="HotpotQA train questions for stage 1/2.")] = 30,
+    stage1_examples: Annotated[int, typer.Option("--stage1-examples", min=4,
+                                                 help="NQ train questions for stage 1 (embeddings only).")] = 400,
+    adapter: Annotated[str | None, typer.Option("--adapter", help="Adapter folder (default: the bundled one); "
+                                                "its cfic.json gets the fitted settings.")] = None,
+    out: Annotated[str | None, typer.Option("--out", help="Write the settings here instead of the adapter.")] = None,
+    dtype: Annotated[str | None, typer.Option("--dtype", help="Model dtype (default: the machine's).")] = None,
+) -> None:
+    """Fit the sentence prior, the LM weight and abstention on the training splits; write them to cfic.json."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    try:
+        report = fit_prior(examples, hotpot_examples, stage1_examples, adapter, out, dtype)
+    except CficError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    console.print_json(json.dumps(report))
+
+
+def fit_prior(n_nq: int = 60, n_hotpot: int = 30, n_stage1: int = 400, adapter: str | None = None,
+              out: str | None = None, dtype: str | None = None, progress: bool = True) -> dict[str, Any]:
+    import torch
+    from tqdm.auto import tqdm
+
+    from cfic.decoding.encode import encode_question
+    from cfic.decoding.prefix import SearchPrior, constrained_prefix_search, end_probability, rank
+    from cfic.eval import load_split
+    from cfic.grounder import Grounder
+    from cfic.models import ADAPTER_SETTINGS, bundled_adapter
+    from cfic.train import TrainSettings, calibration_examples
+    from cfic.types import Usage
+
+    adapter_path = Path(adapter) if adapter else bundled_adapter()
+    if adapter_path is None or not (adapter_path / "adapter_config.json").is_file():
+        raise CficError("no adapter to fit the prior for (pass --adapter FOLDER)")
+    t_start = time.time()
+    grounder = Grounder.from_pretrained(None, dtype=dtype, adapter=adapter_path, threshold=None,
+                                        prior=PriorWeights(), abstention=None)
+    prior = grounder.sentence_prior
+    k = grounder.config.top_k
+
+    # ---- stage 1: signal weights, embeddings only
+    stage1 = load_split("nq", "train")[:n_stage1] + load_split("hotpotqa", "train")[: n_stage1 // 4]
+    items = []
+    for ex in tqdm(stage1, desc="stage 1: prior signals", unit="q", disable=not progress):
+        text = ex.documents[0]
+        sentences = grounder.split(text)
+        mask = _answer_mask(sentences, ex.answers)
+        if not mask.any():
+            continue
+        feats = prior.features(text, sentences)
+        items.append((SentencePrior.signals(ex.question, prior.query_vector(ex.question), feats), mask))
+    direction, rate1 = fit_signal_weights(items, k)
+    baseline1 = float(np.mean([top_hit(sig[:, 0], mask, k) for sig, mask in items]))
+
+    # ---- stage 2: scale and LM weight with the real prefix search
+    stage2 = load_split("nq", "train")[n_stage1: n_stage1 + n_nq] + load_split("hotpotqa", "train")[
+        n_stage1 // 4: n_stage1 // 4 + n_hotpot]
+    configs = [(s, lm) for s in SCALE_GRID for lm in LM_GRID]
+    hits = {c: [] for c in configs}
+    hits[("lm-only", 1.0)] = []
+    records: list[dict[str, Any]] = []
+    room = k * (grounder.config.max_prefix_tokens + 1)
+    for ex in tqdm(stage2, desc="stage 2: prior x LM search", unit="q", disable=not progress):
+        enc = grounder.encode(list(ex.documents))[0]
+        mask = _answer_mask(enc.sentences, ex.answers)
+        if not mask.any():
+            continue
+        query_ids = grounder.template.query_ids(grounder.tokenizer, ex.question, grounder.config.max_query_tokens)
+        signals = SentencePrior.signals(ex.question, prior.query_vector(ex.question), enc.features)
+        rec: dict[str, Any] = {"signals": signals, "best": {}}
+        with torch.inference_mode():
+            for window in enc.windows:
+                cache, first = encode_question(grounder.runner, window, query_ids, room)
+                rec["p_end"] = min(rec.get("p_end", 1.0), end_probability(first, grounder.template.eos_ids))
+                for cfg in [*configs, ("lm-only", 1.0)]:
+                    sp = None
+                    if cfg[0] != "lm-only":
+                        w = PriorWeights(*(direction * cfg[0]).tolist(), lm=cfg[1])
+                        sp = SearchPrior(torch.from_numpy(SentencePrior.log_prior(signals, w)), w.lm)
+                    fork = cache.fork(room)
+                    found = constrained_prefix_search(grounder.runner, fork, first, window.trie, k,
+                                                      grounder.config.max_prefix_tokens, None, sp)
+                    starts = {s for p in found for s in (p.sentences or ())}
+                    hits[cfg].append(bool(any(mask[s] for s in starts)))
+                    rec["best"][cfg] = max([rec["best"].get(cfg, -1e9), *(rank(p, sp) for p in found)])
+        records.append(rec)
+    rates = {c: float(np.mean(v)) for c, v in hits.items() if v}
+    best_cfg = max(configs, key=lambda c: (rates[c], -c[1]))
+    weights = PriorWeights(*(direction * best_cfg[0]).tolist(), lm=best_cfg[1])
+
+    # ---- stage 3: abstention on held-out SQuAD training questions + the stage-2 questions
+    calib = calibration_examples(TrainSettings())
+    grounder = Grounder(grounder.loaded, grounder.config.with_options(prior=weights, abstention=None), None, prior)
+    x, y = [], []
+    encodings: dict[str, Any] = {}
+    for ex in tqdm(calib, desc="stage 3: abstention", unit="q", disable=not progress):
+        if ex.doc_key not in encodings:
+            encodings[ex.doc_key] = grounder.encode(list(ex.documents))
+        encs = encodings[ex.doc_key]
+        signals = grounder._signals(ex.question, encs)
+        query_ids = grounder.template.query_ids(grounder.tokenizer, ex.question, grounder.config.max_query_tokens)
+        with torch.inference_mode():
+            spans, p_end = grounder._spans(query_ids, encs, grounder.config, True, Usage(), signals)
+        best = max((math.log(max(s.score, 1e-30)) for s in spans), default=-50.0)
+        x.append(abstention_features(p_end, signals, best))
+        y.append(0.0 if ex.answerable else 1.0)
+    n_squad = len(x)
+    for rec in records:
+        x.append(abstention_features(rec["p_end"], [rec["signals"]], rec["best"][best_cfg]))
+        y.append(0.0)
+    xa, ya = np.array(x), np.array(y)
+    coef, intercept, _, _ = fit_logistic(xa, ya)
+    abst = Abstention(tuple(float(c) for c in coef), intercept, 0.5)
+    probs = np.array([abst.probability(row) for row in xa])
+    squad_acc = float(np.mean((probs[:n_squad] >= 0.5) == (ya[:n_squad] == 1)))
+    squad_base = float(np.mean(ya[:n_squad] == 0))
+    others_abstain = float(np.mean(probs[n_squad:] >= 0.5)) if len(probs) > n_squad else 0.0
+
+    report = {
+        "prior": {"weights": weights.to_dict(), "signals": ["sentence", "paragraph", "bm25"],
+                  "stage1": {"examples": len(items), "top_k_hit": rate1, "sentence_cosine_only": baseline1,
+                             "direction": direction.tolist()},
+                  "stage2": {"examples": len(records), "top_k_hit": {f"{c[0]}/{c[1]}": r for c, r in rates.items()},
+                             "chosen": {"scale": best_cfg[0], "lm": best_cfg[1]}}},
+        "abstention": {**abst.to_dict(), "features": list(ABSTENTION_FEATURES),
+                       "fit": {"squad_questions": n_squad, "squad_unanswerable": int(ya[:n_squad].sum()),
+                               "squad_decision_accuracy": squad_acc, "squad_answer_everything": squad_base,
+                               "answerable_questions_other": len(records),
+                               "abstained_on_answerable_other": others_abstain}},
+        "source": "training splits only: nq train, hotpotqa train, squad train questions held out of LoRA training",
+        "seconds": round(time.time() - t_start, 1),
+    }
+    target = Path(out) if out else adapter_path / ADAPTER_SETTINGS
+    settings = json.loads(target.read_text()) if target.is_file() else {}
+    settings.update({"prior": report["prior"], "abstention": report["abstention"], "threshold": None,
+                     "fit_source": report["source"]})
+    target.write_text(json.dumps(settings, indent=2) + "\n")
+    return report

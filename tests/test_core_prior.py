@@ -1,0 +1,166 @@
+"""The sentence prior inside the constrained prefix search, its signals, abstention and their fitting."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from test_core_decoding import DOC, QUERY, hf_logprobs, identifying_depth, window_prompt
+
+from cfic import GroundingConfig
+from cfic.decoding.encode import encode_question
+from cfic.decoding.prefix import SearchPrior, constrained_prefix_search, rank
+from cfic.errors import ModelLoadError
+from cfic.fit_prior import fit_logistic, fit_signal_weights, top_hit
+from cfic.grounder import Grounder
+from cfic.models import adapter_settings
+from cfic.prior import Abstention, PriorWeights, SentencePrior, paragraph_bounds
+
+pytestmark = pytest.mark.numerics
+
+
+@pytest.fixture(scope="module")
+def prior_grounder(tiny_loaded):
+    return Grounder(tiny_loaded, GroundingConfig(prior=PriorWeights(10.0, 5.0, 1.0, 1.0)))
+
+
+@pytest.fixture(scope="module")
+def setup(prior_grounder):
+    g = prior_grounder
+    enc = g.encode([DOC])[0]
+    q_ids = g.template.query_ids(g.tokenizer, QUERY, g.config.max_query_tokens)
+    return g, enc, enc.windows[0], q_ids
+
+
+def search(g, window, q_ids, prior, top_k=64):
+    with torch.inference_mode():
+        cache, first = encode_question(g.runner, window, q_ids, room=4096)
+        return constrained_prefix_search(g.runner, cache, first, window.trie, top_k, 64, None, prior)
+
+
+def test_exhaustive_search_ranks_by_lm_weight_times_brute_force_score_plus_log_prior_mass(setup):
+    g, enc, window, q_ids = setup
+    n = len(enc.sentences)
+    log_prior = torch.log_softmax(torch.randn(n, generator=torch.Generator().manual_seed(3)) * 3, dim=0)
+    prior = SearchPrior(log_prior, lm_weight=0.7)
+    found = search(g, window, q_ids, prior)
+    prompt = window_prompt(g, enc, window) + q_ids
+    expected = {}
+    for p in found:
+        s = p.sentences[0]
+        ids = list(enc.answer_ids[s])
+        d = identifying_depth(window.trie, ids)
+        lp = hf_logprobs(g.loaded.model, prompt + ids[:d])
+        avg = sum(float(lp[len(prompt) - 1 + i, ids[i]]) for i in range(d)) / d
+        mass = float(torch.logsumexp(log_prior[list(p.sentences)], dim=0))
+        assert p.prior == pytest.approx(mass, abs=1e-5)
+        expected[p.sentences] = 0.7 * avg + mass
+        assert rank(p, prior) == pytest.approx(expected[p.sentences], abs=2e-4)
+    ranks = [rank(p, prior) for p in found]
+    assert ranks == sorted(ranks, reverse=True)
+    assert found[0].sentences == max(expected, key=expected.get)
+
+
+@pytest.mark.parametrize("target", [0, 4, 7])
+def test_a_peaked_prior_decides_when_the_lm_weight_is_zero(setup, target):
+    g, enc, window, q_ids = setup
+    logits = torch.zeros(len(enc.sentences))
+    logits[target] = 50.0
+    found = search(g, window, q_ids, SearchPrior(torch.log_softmax(logits, 0), lm_weight=0.0), top_k=3)
+    assert target in found[0].sentences
+
+
+def test_without_a_prior_the_search_is_the_pure_lm_search(setup, tiny_grounder):
+    g, enc, window, q_ids = setup
+    plain = search(g, window, q_ids, None, top_k=3)
+    assert all(p.prior == 0.0 for p in plain)
+    assert [p.score for p in plain] == sorted((p.score for p in plain), reverse=True)
+
+
+def test_paragraph_bounds_and_signals():
+    text = "Title: Rivers\nThe Nile flows north.\n\n  \n\nTitle: Cakes\nFlour and eggs make a cake. Bake it."
+    bounds = paragraph_bounds(text)
+    assert [text[a:b].strip().split("\n")[0] for a, b in bounds] == ["Title: Rivers", "Title: Cakes"]
+    from cfic.text import split_sentences
+
+    sentences = split_sentences(text)
+    prior = SentencePrior()
+    feats = prior.features(text, sentences)
+    assert feats.sentence_vectors.shape == (len(sentences), prior.embedder.dimension)
+    assert feats.paragraph_of.tolist() == [0, 0, 1, 1, 1]
+    np.testing.assert_allclose(np.linalg.norm(feats.paragraph_vectors, axis=1), 1.0, atol=1e-5)
+    query = "Which direction does the Nile flow?"
+    sig = SentencePrior.signals(query, prior.query_vector(query), feats)
+    assert sig.shape == (len(sentences), 3)
+    assert int(np.argmax(sig[:, 0])) == 1  # the sentence about the Nile
+    assert sig[0, 1] == sig[1, 1] > sig[3, 1]  # paragraph cosine is shared within a paragraph
+    assert sig[:, 2].max() == pytest.approx(1.0) and sig[1, 2] == pytest.approx(1.0)
+    logp = SentencePrior.log_prior(sig, PriorWeights(10.0, 5.0, 1.0))
+    assert np.exp(logp).sum() == pytest.approx(1.0, abs=1e-5) and int(np.argmax(logp)) == 1
+
+
+def test_grounder_abstains_when_the_model_says_so_and_not_otherwise(tiny_loaded, setup, tiny_grounder):
+    g, enc, _, _ = setup
+    always = Grounder(tiny_loaded, g.config.with_options(abstention=Abstention((0.0, 0.0, 0.0, 0.0), 50.0)),
+                      sentence_prior=g.sentence_prior)
+    never = Grounder(tiny_loaded, g.config.with_options(abstention=Abstention((0.0, 0.0, 0.0, 0.0), -50.0)),
+                     sentence_prior=g.sentence_prior)
+    r = always.ground(QUERY, [DOC])
+    assert r.no_evidence and r.evidence == [] and r.no_evidence_probability == pytest.approx(1.0)
+    r = never.ground(QUERY, [DOC])
+    assert not r.no_evidence and r.evidence and r.no_evidence_probability == pytest.approx(0.0, abs=1e-9)
+    assert always.ground(QUERY, [DOC], abstain=False).evidence  # the switch turns it off
+    # the ablation: the same grounder without its prior returns what a grounder without a prior returns
+    plain = tiny_grounder.ground(QUERY, [DOC])
+    ablated = g.ground(QUERY, [DOC], use_prior=False)
+    assert [(e.sentence_start, e.sentence_end) for e in ablated.evidence] == [
+        (e.sentence_start, e.sentence_end) for e in plain.evidence]
+    assert [e.score for e in ablated.evidence] == pytest.approx([e.score for e in plain.evidence], abs=1e-5)
+
+
+def test_abstention_features_use_the_first_position_end_probability():
+    a = Abstention((2.0, 0.0, 0.0, 0.0), 2.0)  # the more the model wants to end at once, the likelier "none"
+    assert a.probability([math.log(0.01), 0, 0, 0]) < 0.5 < a.probability([math.log(0.9), 0, 0, 0])
+    with pytest.raises(ValueError):
+        a.probability([0.0])
+    with pytest.raises(ValueError):
+        Abstention.from_dict({"coefficients": [1.0]})
+
+
+def test_adapter_settings_read_prior_and_abstention(tmp_path):
+    (tmp_path / "cfic.json").write_text(json.dumps({
+        "threshold": None, "prior": {"weights": {"sentence": 2.0, "paragraph": 1.0, "bm25": 0.5, "lm": 0.5}},
+        "abstention": {"coefficients": [1, 2, 3, 4], "intercept": -1.0, "threshold": 0.6}}))
+    got = adapter_settings(tmp_path)
+    assert got["prior"] == PriorWeights(2.0, 1.0, 0.5, 0.5)
+    assert got["abstention"] == Abstention((1.0, 2.0, 3.0, 4.0), -1.0, 0.6)
+    assert got["threshold"] is None
+    (tmp_path / "cfic.json").write_text(json.dumps({"prior": {"weights": {"sentence": "x"}}}))
+    with pytest.raises(ModelLoadError):
+        adapter_settings(tmp_path)
+    (tmp_path / "cfic.json").write_text(json.dumps({"abstention": {"coefficients": [1], "intercept": 0,
+                                                                   "threshold": 3}}))
+    with pytest.raises(ModelLoadError):
+        adapter_settings(tmp_path)
+    assert adapter_settings(None) == {}
+
+
+def test_fitting_finds_the_informative_signal_and_separates_classes():
+    rng = np.random.default_rng(0)
+    items = []
+    for _ in range(40):
+        sig = rng.normal(size=(30, 3)).astype(np.float32)
+        mask = np.zeros(30, dtype=bool)
+        mask[int(np.argmax(sig[:, 1]))] = True  # only the paragraph signal knows the answer
+        items.append((sig, mask))
+    direction, rate = fit_signal_weights(items, k=1)
+    assert rate == 1.0 and direction[1] > 0 and direction[0] == 0 and direction[2] == 0
+    assert not all(top_hit(sig[:, 0], mask, 1) for sig, mask in items)
+    x = rng.normal(size=(200, 4))
+    y = (x[:, 0] - 2 * x[:, 3] > 0).astype(float)
+    coef, intercept, _, _ = fit_logistic(x, y)
+    acc = np.mean(((x @ coef + intercept) > 0) == (y == 1))
+    assert acc > 0.95 and coef[0] > 0 > coef[3]
