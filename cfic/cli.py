@@ -89,7 +89,8 @@ def ground(
     query: Annotated[str, typer.Option("--query", "-q", help="The question.")],
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="Evidence spans to return.")] = 3,
-    max_span_tokens: Annotated[int, typer.Option("--max-span-tokens", min=1, help="Skip-decoding budget.")] = 256,
+    max_span_tokens: Annotated[int | None, typer.Option(
+        "--max-span-tokens", min=1, help="Skip-decoding budget in tokens (default 128).")] = None,
     threshold: Annotated[float | None, typer.Option("--threshold", min=0.0, max=1.0,
                                                     help="Drop spans scoring below this (0..1).")] = None,
     model: ModelOpt = None,
@@ -102,6 +103,8 @@ def ground(
     swiftkv: SwiftKVOpt = None,
     layer_skip: LayerSkipOpt = None,
     layer_skip_warmup: LayerSkipWarmupOpt = None,
+    no_prior: Annotated[bool, typer.Option(
+        "--no-prior", help="Pure-LM prefix search (no sentence prior, no abstention): the paper's method.")] = False,
 ) -> None:
     """Print verbatim evidence for QUERY from FILES."""
     from cfic.config import acceleration_options
@@ -117,10 +120,14 @@ def ground(
     from cfic.grounder import Grounder
 
     swiftkv = resolve_swiftkv(swiftkv, model)
-    options = {"max_sentence_tokens": min(96, max_span_tokens), **accel}
+    options: dict = dict(accel)
+    if max_span_tokens is not None:
+        options |= {"max_span_tokens": max_span_tokens, "max_sentence_tokens": min(96, max_span_tokens)}
+    if no_prior:
+        options |= {"prior": None, "abstention": None}
     grounder = Grounder.from_pretrained(model, device=device, dtype=dtype, adapter=adapter_arg, swiftkv=swiftkv,
                                         **options)
-    result = grounder.ground(query, documents, top_k=top_k, max_span_tokens=max_span_tokens, threshold=threshold)
+    result = grounder.ground(query, documents, top_k=top_k, threshold=threshold)
     if json_out:
         out = result.to_dict()
         out["usage"] = {k: out["usage"][k] for k in ("input_tokens", "cached_tokens", "latency_ms")} | {
@@ -132,7 +139,9 @@ def ground(
 
     console = Console()
     if result.no_evidence:
-        console.print("[yellow]no evidence[/yellow] (nothing passed the threshold)")
+        why = (f"P(no evidence) = {result.no_evidence_probability:.2f}" if result.no_evidence_probability is not None
+               and not result.evidence else "nothing passed the threshold")
+        console.print(f"[yellow]no evidence[/yellow] ({why})")
     for rank, ev in enumerate(result.evidence, 1):
         console.print(
             f"[bold]{rank}.[/bold] [cyan]{ev.document_id}[/cyan] chars {ev.start_char}-{ev.end_char} "

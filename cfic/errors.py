@@ -23,3 +23,8 @@ class DocumentReadError(CficError):
 
 class ModelLoadError(CficError):
     """The model could not be found or loaded."""
+
+
+class GroundingCancelled(Exception):  # noqa: N818 - a signal, not a failure of the caller's input
+    """The caller's ``cancel`` callback said stop (deadline passed, client left): raised between encode batches
+    and between windows, so abandoned work frees the model within one step instead of running to the end."""

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -31,7 +30,7 @@ SENTENCE_GRID = (0.0, 1.0)
 PARAGRAPH_GRID = (0.0, 0.25, 0.5, 1.0, 2.0)
 BM25_GRID = (0.0, 0.05, 0.1, 0.2, 0.4)
 SCALE_GRID = (5.0, 10.0, 20.0)
-LM_GRID = (0.0, 0.5, 1.0, 2.0)
+LM_GRID = (0.0, 0.5, 1.0)
 
 
 def _answer_mask(sentences, answers) -> np.ndarray:
@@ -77,6 +76,40 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-2, steps: int = 30
     return coef, float(b - (coef * mu).sum()), mu, sd
 
 
+def question_search(grounder: Any, encodings: list[Any], question: str,
+                    priors: list[PriorWeights | None]) -> dict[str, Any]:
+    """The question pass once per window, then one constrained prefix search per prior setting (the pure-LM one
+    for ``None``) on a private copy of the cache: start sentences and the best ranking score for each setting,
+    the smallest first-position end probability and the prior's signals. The same computations as
+    ``Grounder.ground`` up to the prefix search (span ends do not enter these features)."""
+    import torch
+
+    from cfic.decoding.encode import encode_question
+    from cfic.decoding.prefix import SearchPrior, constrained_prefix_search, end_probability, rank
+
+    k = grounder.config.top_k
+    room = k * (grounder.config.max_prefix_tokens + 1)
+    query_ids = grounder.template.query_ids(grounder.tokenizer, question, grounder.config.max_query_tokens)
+    vector = grounder.sentence_prior.query_vector(question)
+    signals = [SentencePrior.signals(question, vector, e.features) for e in encodings]
+    searches: list[tuple[list[tuple[float, int]], float]] = [([], -1e9) for _ in priors]
+    p_end = 1.0
+    with torch.inference_mode():
+        for d, enc in enumerate(encodings):
+            sps = [None if w is None else SearchPrior(torch.from_numpy(SentencePrior.log_prior(signals[d], w)), w.lm)
+                   for w in priors]
+            for window in enc.windows:
+                cache, first = encode_question(grounder.runner, window, query_ids, room)
+                p_end = min(p_end, end_probability(first, grounder.template.eos_ids))
+                for i, sp in enumerate(sps):
+                    found = constrained_prefix_search(grounder.runner, cache.fork(room), first, window.trie, k,
+                                                      grounder.config.max_prefix_tokens, None, sp)
+                    starts, best = searches[i]
+                    starts = starts + [(rank(p, sp), s) for p in found for s in (p.sentences or ())]
+                    searches[i] = (sorted(starts, reverse=True)[:k], max([best, *(rank(p, sp) for p in found)]))
+    return {"signals": signals, "p_end": p_end, "searches": searches}
+
+
 def fit_prior_command(
     examples: Annotated[int, typer.Option("--examples", min=4, help="NQ train questions for stage 1/2.")] = 60,
     hotpot_examples: Annotated[int, typer.Option("--hotpot-examples", min=0,
@@ -87,13 +120,17 @@ def fit_prior_command(
                                                 "its cfic.json gets the fitted settings.")] = None,
     out: Annotated[str | None, typer.Option("--out", help="Write the settings here instead of the adapter.")] = None,
     dtype: Annotated[str | None, typer.Option("--dtype", help="Model dtype (default: the machine's).")] = None,
+    squad_questions: Annotated[int, typer.Option("--squad-questions", min=4,
+                                                 help="Held-out SQuAD training questions for stage 3.")] = 200,
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="torch threads.")] = None,
 ) -> None:
     """Fit the sentence prior, the LM weight and abstention on the training splits; write them to cfic.json."""
     from rich.console import Console
 
     console = Console(stderr=True)
     try:
-        report = fit_prior(examples, hotpot_examples, stage1_examples, adapter, out, dtype)
+        report = fit_prior(examples, hotpot_examples, stage1_examples, adapter, out, dtype, n_squad=squad_questions,
+                           threads=threads)
     except CficError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
@@ -101,17 +138,14 @@ def fit_prior_command(
 
 
 def fit_prior(n_nq: int = 60, n_hotpot: int = 30, n_stage1: int = 400, adapter: str | None = None,
-              out: str | None = None, dtype: str | None = None, progress: bool = True) -> dict[str, Any]:
-    import torch
+              out: str | None = None, dtype: str | None = None, progress: bool = True, n_squad: int = 200,
+              threads: int | None = None) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
-    from cfic.decoding.encode import encode_question
-    from cfic.decoding.prefix import SearchPrior, constrained_prefix_search, end_probability, rank
     from cfic.eval import load_split
     from cfic.grounder import Grounder
     from cfic.models import ADAPTER_SETTINGS, bundled_adapter
     from cfic.train import TrainSettings, calibration_examples
-    from cfic.types import Usage
 
     adapter_path = Path(adapter) if adapter else bundled_adapter()
     if adapter_path is None or not (adapter_path / "adapter_config.json").is_file():
@@ -121,6 +155,10 @@ def fit_prior(n_nq: int = 60, n_hotpot: int = 30, n_stage1: int = 400, adapter: 
                                         prior=PriorWeights(), abstention=None)
     prior = grounder.sentence_prior
     k = grounder.config.top_k
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
     # ---- stage 1: signal weights, embeddings only
     stage1 = load_split("nq", "train")[:n_stage1] + load_split("hotpotqa", "train")[: n_stage1 // 4]
@@ -139,58 +177,42 @@ def fit_prior(n_nq: int = 60, n_hotpot: int = 30, n_stage1: int = 400, adapter: 
     # ---- stage 2: scale and LM weight with the real prefix search
     stage2 = load_split("nq", "train")[n_stage1: n_stage1 + n_nq] + load_split("hotpotqa", "train")[
         n_stage1 // 4: n_stage1 // 4 + n_hotpot]
-    configs = [(s, lm) for s in SCALE_GRID for lm in LM_GRID]
-    hits = {c: [] for c in configs}
-    hits[("lm-only", 1.0)] = []
+    configs: list[tuple[Any, float]] = [(s, lm) for s in SCALE_GRID for lm in LM_GRID]
+    configs.append(("lm-only", 1.0))
+
+    def weights_of(cfg: tuple[Any, float]) -> PriorWeights | None:
+        return None if cfg[0] == "lm-only" else PriorWeights(*(direction * cfg[0]).tolist(), lm=cfg[1])
+
+    hits: dict[tuple[Any, float], list[bool]] = {c: [] for c in configs}
     records: list[dict[str, Any]] = []
-    room = k * (grounder.config.max_prefix_tokens + 1)
     for ex in tqdm(stage2, desc="stage 2: prior x LM search", unit="q", disable=not progress):
-        enc = grounder.encode(list(ex.documents))[0]
-        mask = _answer_mask(enc.sentences, ex.answers)
+        encs = grounder.encode(list(ex.documents))
+        mask = _answer_mask(encs[0].sentences, ex.answers)
         if not mask.any():
             continue
-        query_ids = grounder.template.query_ids(grounder.tokenizer, ex.question, grounder.config.max_query_tokens)
-        signals = SentencePrior.signals(ex.question, prior.query_vector(ex.question), enc.features)
-        rec: dict[str, Any] = {"signals": signals, "best": {}}
-        with torch.inference_mode():
-            for window in enc.windows:
-                cache, first = encode_question(grounder.runner, window, query_ids, room)
-                rec["p_end"] = min(rec.get("p_end", 1.0), end_probability(first, grounder.template.eos_ids))
-                for cfg in [*configs, ("lm-only", 1.0)]:
-                    sp = None
-                    if cfg[0] != "lm-only":
-                        w = PriorWeights(*(direction * cfg[0]).tolist(), lm=cfg[1])
-                        sp = SearchPrior(torch.from_numpy(SentencePrior.log_prior(signals, w)), w.lm)
-                    fork = cache.fork(room)
-                    found = constrained_prefix_search(grounder.runner, fork, first, window.trie, k,
-                                                      grounder.config.max_prefix_tokens, None, sp)
-                    starts = {s for p in found for s in (p.sentences or ())}
-                    hits[cfg].append(bool(any(mask[s] for s in starts)))
-                    rec["best"][cfg] = max([rec["best"].get(cfg, -1e9), *(rank(p, sp) for p in found)])
-        records.append(rec)
+        found = question_search(grounder, encs, ex.question, [weights_of(c) for c in configs])
+        for cfg, (starts, _) in zip(configs, found["searches"], strict=True):
+            hits[cfg].append(bool(any(mask[s] for _, s in starts)))
+        records.append({"p_end": found["p_end"], "signals": found["signals"],
+                        "best": {c: b for c, (_, b) in zip(configs, found["searches"], strict=True)}})
     rates = {c: float(np.mean(v)) for c, v in hits.items() if v}
-    best_cfg = max(configs, key=lambda c: (rates[c], -c[1]))
-    weights = PriorWeights(*(direction * best_cfg[0]).tolist(), lm=best_cfg[1])
+    best_cfg = max(configs[:-1], key=lambda c: (rates[c], -c[1]))
+    weights = weights_of(best_cfg)
+    assert weights is not None
 
     # ---- stage 3: abstention on held-out SQuAD training questions + the stage-2 questions
-    calib = calibration_examples(TrainSettings())
-    grounder = Grounder(grounder.loaded, grounder.config.with_options(prior=weights, abstention=None), None, prior)
+    calib = calibration_examples(TrainSettings())[:n_squad]
     x, y = [], []
     encodings: dict[str, Any] = {}
     for ex in tqdm(calib, desc="stage 3: abstention", unit="q", disable=not progress):
         if ex.doc_key not in encodings:
             encodings[ex.doc_key] = grounder.encode(list(ex.documents))
-        encs = encodings[ex.doc_key]
-        signals = grounder._signals(ex.question, encs)
-        query_ids = grounder.template.query_ids(grounder.tokenizer, ex.question, grounder.config.max_query_tokens)
-        with torch.inference_mode():
-            spans, p_end = grounder._spans(query_ids, encs, grounder.config, True, Usage(), signals)
-        best = max((math.log(max(s.score, 1e-30)) for s in spans), default=-50.0)
-        x.append(abstention_features(p_end, signals, best))
+        found = question_search(grounder, encodings[ex.doc_key], ex.question, [weights])
+        x.append(abstention_features(found["p_end"], found["signals"], found["searches"][0][1]))
         y.append(0.0 if ex.answerable else 1.0)
     n_squad = len(x)
     for rec in records:
-        x.append(abstention_features(rec["p_end"], [rec["signals"]], rec["best"][best_cfg]))
+        x.append(abstention_features(rec["p_end"], rec["signals"], rec["best"][best_cfg]))
         y.append(0.0)
     xa, ya = np.array(x), np.array(y)
     coef, intercept, _, _ = fit_logistic(xa, ya)

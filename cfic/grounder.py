@@ -8,7 +8,7 @@ import hashlib
 import math
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +21,7 @@ from cfic.decoding.prefix import SearchPrior, constrained_prefix_search, end_pro
 from cfic.decoding.runner import LayerRunner
 from cfic.decoding.skip import SpanEnd, candidates, greedy_span_end, skip_decode_span_end
 from cfic.decoding.swiftkv import SwiftKV
-from cfic.errors import CficError
+from cfic.errors import CficError, GroundingCancelled
 from cfic.models import LoadedModel, adapter_settings, load_model
 from cfic.prior import SentencePrior, abstention_features
 from cfic.text import Sentence, split_sentences
@@ -198,13 +198,16 @@ class Grounder:
                 raise CficError(f"document {i} is a {type(doc).__name__}; expected str, dict or Document")
         return out
 
-    def encode(self, documents: Iterable[DocumentInput], progress: bool = False) -> list[DocumentEncoding]:
-        """Read documents once; the encodings can be passed to ``ground`` for any number of questions."""
+    def encode(self, documents: Iterable[DocumentInput], progress: bool = False,
+               cancel: Callable[[], bool] | None = None) -> list[DocumentEncoding]:
+        """Read documents once; the encodings can be passed to ``ground`` for any number of questions.
+
+        ``cancel``: asked between prefill batches; True stops with :class:`~cfic.errors.GroundingCancelled`."""
         docs = self._normalise(documents)
         todo = [(j, d) for j, d in enumerate(docs) if isinstance(d, Document)]
         encoded = encode_documents(
             self.runner, self.tokenizer, self.template, [(d.id, d.text, d.metadata) for _, d in todo],
-            self.config, self.max_context, self.model_key, progress=progress,
+            self.config, self.max_context, self.model_key, progress=progress, cancel=cancel,
         )
         if self.sentence_prior is not None:
             encoded = [dataclasses.replace(e, features=self.sentence_prior.features(e.text, e.sentences))
@@ -226,14 +229,16 @@ class Grounder:
         skip_decoding: bool = True,
         use_prior: bool = True,
         abstain: bool = True,
+        cancel: Callable[[], bool] | None = None,
     ) -> GroundingResult:
         """Evidence for ``query``: at most ``top_k`` verbatim spans ranked by score across all documents.
 
         ``use_prior=False`` runs the pure-LM prefix search even when the configuration has a prior (the
-        ablation); ``abstain=False`` skips the ``no_evidence`` model."""
+        ablation); ``abstain=False`` skips the ``no_evidence`` model. ``cancel`` is asked between encode batches
+        and between windows; True stops with :class:`~cfic.errors.GroundingCancelled`."""
         return self.ground_batch([query], documents, top_k=top_k, max_span_tokens=max_span_tokens,
                                  threshold=threshold, skip_decoding=skip_decoding, use_prior=use_prior,
-                                 abstain=abstain)[0]
+                                 abstain=abstain, cancel=cancel)[0]
 
     def ground_batch(
         self,
@@ -246,6 +251,7 @@ class Grounder:
         skip_decoding: bool = True,
         use_prior: bool = True,
         abstain: bool = True,
+        cancel: Callable[[], bool] | None = None,
     ) -> list[GroundingResult]:
         """Many questions over the same documents: each document is encoded once."""
         if isinstance(queries, str):
@@ -263,7 +269,7 @@ class Grounder:
         docs = self._normalise(documents)
         n_cached = sum(d.n_tokens for d in docs if isinstance(d, DocumentEncoding))
         with torch.inference_mode():
-            encodings = self.encode(docs)
+            encodings = self.encode(docs, cancel=cancel)
         encode_ms = (time.perf_counter() - t0) * 1000
         results = []
         for qi, (query, ids) in enumerate(zip(queries, query_ids, strict=True)):
@@ -272,7 +278,7 @@ class Grounder:
                           cached_tokens=n_cached if qi == 0 else sum(e.n_tokens for e in encodings))
             signals = self._signals(query, encodings) if use_prior else None
             with torch.inference_mode():
-                spans, p_end_first = self._spans(ids, encodings, cfg, skip_decoding, usage, signals)
+                spans, p_end_first = self._spans(ids, encodings, cfg, skip_decoding, usage, signals, cancel)
             evidence = self._rank(spans, encodings, cfg)
             p_none = None
             if abstain and cfg.abstention is not None and signals is not None:
@@ -296,7 +302,8 @@ class Grounder:
         return [SentencePrior.signals(query, vector, e.features) for e in encodings]
 
     def _spans(self, query_ids: list[int], encodings: list[DocumentEncoding], cfg: GroundingConfig,
-               skip_decoding: bool, usage: Usage, signals: list | None = None) -> tuple[list[_Span], float]:
+               skip_decoding: bool, usage: Usage, signals: list | None = None,
+               cancel: Callable[[], bool] | None = None) -> tuple[list[_Span], float]:
         """Spans from every window of every document, and the smallest end-of-evidence probability at the first
         answer position over all windows (an abstention feature)."""
         spans: list[_Span] = []
@@ -311,6 +318,8 @@ class Grounder:
                 log_prior = torch.from_numpy(SentencePrior.log_prior(signals[d], cfg.prior))
                 search_prior = SearchPrior(log_prior, cfg.prior.lm)
             for window in enc.windows:
+                if cancel is not None and cancel():
+                    raise GroundingCancelled("grounding cancelled")
                 t0 = time.perf_counter()
                 cache, first = encode_question(self.runner, window, query_ids, room)
                 p_end_first = min(p_end_first, end_probability(first, self.template.eos_ids))

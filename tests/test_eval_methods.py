@@ -108,3 +108,25 @@ def test_generate_cuts_a_too_long_document_at_whole_sentences(ctx):
     assert cut and long_doc.startswith(text) and text.endswith("inventory.")
     assert 400 < ctx.count_tokens([text])[0] <= 500
     assert GenerateMethod()._fit(ctx, [DOC], room=500) == (DOC, False)
+
+
+def test_prior_method_ranks_by_the_fitted_weights_and_cfic_lm_only_skips_the_prior(tiny_loaded):
+    from cfic import GroundingConfig
+    from cfic.eval.methods import CficMethod, PriorMethod
+    from cfic.grounder import Grounder
+    from cfic.prior import PriorWeights
+
+    # BM25 only: the sentence that shares the question's words wins
+    bm25_only = EvalContext(grounder=Grounder(tiny_loaded, GroundingConfig(prior=PriorWeights(0.0, 0.0, 1.0))))
+    out = run(PriorMethod(), bm25_only, budget=Budget(1))
+    assert [s.text for s in out.spans] == ["The oven bakes bread every morning."]
+    # paragraph cosine only: every sentence of the kitchen paragraph ties, the earliest wins
+    paragraph_only = EvalContext(grounder=Grounder(tiny_loaded, GroundingConfig(prior=PriorWeights(0.0, 1.0, 0.0))))
+    out = run(PriorMethod(), paragraph_only, budget=Budget(2))
+    assert [s.text for s in out.spans] == ["Title: Kitchen", "The kettle boils water for tea."]
+    with pytest.raises(CficError):
+        run(PriorMethod(), EvalContext(grounder=Grounder(tiny_loaded)))
+    # cfic-lm-only on a grounder with a prior returns what the same grounder without a prior returns
+    lm_only = run(CficMethod("cfic-lm-only", True, use_prior=False), bm25_only)
+    plain = run(CficMethod("cfic", True), EvalContext(grounder=Grounder(tiny_loaded)))
+    assert [(s.start, s.end) for s in lm_only.spans] == [(s.start, s.end) for s in plain.spans]

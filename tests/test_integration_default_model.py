@@ -28,13 +28,22 @@ def test_default_model_grounds_a_real_nq_document(default_grounder):
     for ev in result.evidence:
         assert ev.text == text[ev.start_char:ev.end_char]
         assert ev.text.strip() == ev.text
-    # The shipped CFIC adapter is merged by default, with its calibrated no-evidence threshold.
+    # The shipped CFIC adapter is merged by default, with the prior and abstention settings fitted with it.
     assert result.model == "smollm2-135m-instruct+cfic-lora"
     from cfic.models import bundled_adapter
+    from cfic.prior import Abstention, PriorWeights
 
-    calibrated = json.loads((bundled_adapter() / "cfic.json").read_text())
-    assert default_grounder.config.threshold == calibrated["threshold"]
-    assert all(ev.score >= calibrated["threshold"] for ev in result.evidence)
+    fitted = json.loads((bundled_adapter() / "cfic.json").read_text())
+    assert default_grounder.config.prior == PriorWeights.from_dict(fitted["prior"]["weights"])
+    assert default_grounder.config.abstention == Abstention.from_dict(fitted["abstention"])
+    assert result.no_evidence_probability is not None and result.no_evidence_probability < 0.5
+
+
+def test_the_demo_question_finds_its_answer(default_grounder):
+    """``make demo``: the Normans article answers "When did the Normans conquer England?" with 1066."""
+    text = (Path(__file__).parents[1] / "cfic" / "data" / "example.txt").read_text(encoding="utf-8")
+    result = default_grounder.ground("When did the Normans conquer England?", [text])
+    assert any("1066" in ev.text for ev in result.evidence), [ev.text[:80] for ev in result.evidence]
 
 
 def test_cli_json_end_to_end(tmp_path):

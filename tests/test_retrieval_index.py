@@ -316,3 +316,14 @@ def test_documents_of_every_shape(tmp_path, embedder):
     assert len(idx) == 3
     idx.add(["plain string document"])  # same text, same id: replaced, not duplicated
     assert len(idx) == 3
+
+
+def test_every_index_file_gets_the_same_documented_mode(index):
+    """One policy for every file (store, vectors, manifest, lock): 0o666 less the umask, like any file a tool
+    writes; the atomic writes used to leave their files at mkstemp's 0600 while the store got 0644."""
+    from cfic.retrieval.index import FILE_MODE, _umask
+
+    index.add([{"id": "extra", "text": "One more document, saved again."}])
+    modes = {p.name: p.stat().st_mode & 0o777 for p in index.path.iterdir() if p.is_file()}
+    assert len(modes) >= 3
+    assert set(modes.values()) == {FILE_MODE & ~_umask()}, modes
