@@ -58,6 +58,17 @@ def fit_signal_weights(items: list[tuple[np.ndarray, np.ndarray]], k: int) -> tu
     return best, best_rate
 
 
+def abstention_threshold(probabilities: np.ndarray, unanswerable: np.ndarray) -> float:
+    """The P(no evidence) threshold with the most right answer/abstain decisions on the SQuAD training questions;
+    ties go to the highest threshold (abstain as little as possible). 1.0 never abstains below certainty."""
+    candidates = sorted({1.0, *(float(p) for p in probabilities)})
+
+    def accuracy(t: float) -> float:
+        return float(np.mean((probabilities >= t) == (unanswerable == 1)))
+
+    return max(candidates, key=lambda t: (accuracy(t), t))
+
+
 def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-2, steps: int = 3000) -> tuple[np.ndarray, float,
                                                                                                 np.ndarray, np.ndarray]:
     """L2-regularised logistic regression on standardised features (plain gradient descent: 4 features, a few
@@ -216,11 +227,12 @@ def fit_prior(n_nq: int = 60, n_hotpot: int = 30, n_stage1: int = 400, adapter: 
         y.append(0.0)
     xa, ya = np.array(x), np.array(y)
     coef, intercept, _, _ = fit_logistic(xa, ya)
-    abst = Abstention(tuple(float(c) for c in coef), intercept, 0.5)
-    probs = np.array([abst.probability(row) for row in xa])
-    squad_acc = float(np.mean((probs[:n_squad] >= 0.5) == (ya[:n_squad] == 1)))
+    probs = np.array([Abstention(tuple(float(c) for c in coef), intercept).probability(row) for row in xa])
+    threshold = abstention_threshold(probs[:n_squad], ya[:n_squad])
+    abst = Abstention(tuple(float(c) for c in coef), intercept, threshold)
+    squad_acc = float(np.mean((probs[:n_squad] >= threshold) == (ya[:n_squad] == 1)))
     squad_base = float(np.mean(ya[:n_squad] == 0))
-    others_abstain = float(np.mean(probs[n_squad:] >= 0.5)) if len(probs) > n_squad else 0.0
+    others_abstain = float(np.mean(probs[n_squad:] >= threshold)) if len(probs) > n_squad else 0.0
 
     report = {
         "prior": {"weights": weights.to_dict(), "signals": ["sentence", "paragraph", "bm25"],
@@ -231,6 +243,7 @@ def fit_prior(n_nq: int = 60, n_hotpot: int = 30, n_stage1: int = 400, adapter: 
         "abstention": {**abst.to_dict(), "features": list(ABSTENTION_FEATURES),
                        "fit": {"squad_questions": n_squad, "squad_unanswerable": int(ya[:n_squad].sum()),
                                "squad_decision_accuracy": squad_acc, "squad_answer_everything": squad_base,
+                               "feature_table": {"x": xa.round(5).tolist(), "no_evidence": ya.tolist()},
                                "answerable_questions_other": len(records),
                                "abstained_on_answerable_other": others_abstain}},
         "source": "training splits only: nq train, hotpotqa train, squad train questions held out of LoRA training",

@@ -33,12 +33,15 @@ def hf_logprobs(model, ids: list[int]) -> torch.Tensor:
         return torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
 
 
+def encoded(g):
+    """(grounder, DOC's encoding, its first window, QUERY's ids): what every decoding test starts from."""
+    enc = g.encode([DOC])[0]
+    return g, enc, enc.windows[0], g.template.query_ids(g.tokenizer, QUERY, g.config.max_query_tokens)
+
+
 @pytest.fixture(scope="module")
 def setup(tiny_grounder):
-    g = tiny_grounder
-    enc = g.encode([DOC])[0]
-    q_ids = g.template.query_ids(g.tokenizer, QUERY, g.config.max_query_tokens)
-    return g, enc, enc.windows[0], q_ids
+    return encoded(tiny_grounder)
 
 
 def identifying_depth(trie, ids):

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from test_core_decoding import DOC, QUERY, hf_logprobs, identifying_depth, window_prompt
+from test_core_decoding import DOC, QUERY, encoded, hf_logprobs, identifying_depth, window_prompt
 
 from cfic import GroundingConfig
 from cfic.decoding.encode import encode_question
@@ -29,10 +29,7 @@ def prior_grounder(tiny_loaded):
 
 @pytest.fixture(scope="module")
 def setup(prior_grounder):
-    g = prior_grounder
-    enc = g.encode([DOC])[0]
-    q_ids = g.template.query_ids(g.tokenizer, QUERY, g.config.max_query_tokens)
-    return g, enc, enc.windows[0], q_ids
+    return encoded(prior_grounder)
 
 
 def search(g, window, q_ids, prior, top_k=64):
@@ -164,3 +161,12 @@ def test_fitting_finds_the_informative_signal_and_separates_classes():
     coef, intercept, _, _ = fit_logistic(x, y)
     acc = np.mean(((x @ coef + intercept) > 0) == (y == 1))
     assert acc > 0.95 and coef[0] > 0 > coef[3]
+
+
+def test_abstention_threshold_maximises_decisions_and_prefers_answering():
+    from cfic.fit_prior import abstention_threshold
+
+    p = np.array([0.1, 0.2, 0.7, 0.9])
+    assert abstention_threshold(p, np.array([0, 0, 1, 1])) == pytest.approx(0.7)
+    # no threshold separates anything: answer everything (1.0 abstains on nothing below certainty)
+    assert abstention_threshold(np.array([0.3, 0.3]), np.array([0, 0])) == 1.0

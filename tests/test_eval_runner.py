@@ -27,11 +27,14 @@ def nq_file(tmp_path):
 
 @pytest.fixture(scope="module")
 def small_grounder(tiny_loaded):
-    """The tiny model with a short span budget: the token-by-token ablation stays quick."""
+    """The tiny model with a short span budget (the token-by-token ablation stays quick) and a sentence prior (the
+    ``prior`` method needs its weights)."""
     from cfic.config import GroundingConfig
     from cfic.grounder import Grounder
+    from cfic.prior import PriorWeights
 
-    return Grounder(tiny_loaded, GroundingConfig(max_span_tokens=32, max_sentence_tokens=32))
+    return Grounder(tiny_loaded, GroundingConfig(max_span_tokens=32, max_sentence_tokens=32,
+                                                 prior=PriorWeights(10.0, 10.0, 0.5, 1.0)))
 
 
 def without_timing(obj):
