@@ -119,6 +119,15 @@ def write_report(report: dict[str, Any], scores: dict[str, Sequence[Any]] | None
     paths[1].write_text(markdown_report(report), encoding="utf-8")
     plot(report, paths[2])
     if scores is not None:
+        if "cfic" in scores and len(scores) > 1:
+            from cfic.eval.compare import compare, markdown
+
+            rows = {m: [vars(s) for s in items] for m, items in scores.items()}
+            with_no_evidence = any(not s.answerable for s in scores["cfic"])
+            report["comparisons"] = compare(rows, with_no_evidence=with_no_evidence)
+            paths[0].write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            paths[1].write_text(markdown_report(report) + "\nPaired bootstrap 95% intervals (2,000 resamples) of "
+                                "the differences:\n\n" + markdown(report["comparisons"]) + "\n", encoding="utf-8")
         lines = [json.dumps({"method": method, **vars(s)}, ensure_ascii=False)
                  for method, items in scores.items() for s in items]
         (out / "examples.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
