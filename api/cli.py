@@ -1,7 +1,15 @@
-"""``cfic serve``: load the model once, then serve the REST API with uvicorn.
+"""``cfic serve``: serve the REST API with uvicorn, loading the model once in the background.
+
+The server listens at once: ``/healthz`` answers while the model (and the index) load on the model worker's
+thread, ``/readyz`` says ``loading`` (503) until they are ready, and ``/ground`` answers 503 + Retry-After
+meanwhile. Arguments that can be checked without loading anything (a model or adapter path that does not exist)
+fail before the server starts; a load that fails later stops the server with the same ``error: ...`` and exit
+code 2, so a supervisor sees the failure instead of a server that can never become ready.
 
 Module imports stay light (typer, stdlib): the cfic CLI imports this to list its commands, and ``--help`` must
-not load torch. ``python -m cfic.api.cli`` runs the same command on its own (the load test uses that)."""
+not load torch. ``python -m cfic.api.cli`` runs the same command on its own (the load test uses that). The
+option defaults repeat ``ServiceSettings``'s (a test keeps them equal): importing the settings here would pull
+numpy into ``cfic --help``."""
 
 from __future__ import annotations
 
@@ -14,6 +22,25 @@ from typing import Annotated
 import typer
 
 log = logging.getLogger("cfic.api")
+
+DEFAULT_MODEL = "smollm2-135m-instruct"  # cfic.models.DEFAULT_MODEL, named here without importing torch
+
+
+def _model_problem(model: str | None, adapter: str | None, index: Path | None) -> str | None:
+    """What is wrong with the model, adapter or index arguments, as far as a look at the file system tells
+    (``cfic.models.resolve_model_path``'s checks, without its conversion of a .gguf file)."""
+    if model is not None and model != DEFAULT_MODEL:
+        path = Path(model).expanduser()
+        if not (path.is_file() and path.suffix == ".gguf"):
+            if not path.is_dir():
+                return f"model {model!r} is not a local folder or .gguf file (hub downloads are not used)"
+            if not (path / "config.json").is_file():
+                return f"{path} has no config.json: not a Hugging Face model folder"
+    if adapter is not None and adapter != "auto" and not Path(adapter).expanduser().is_dir():
+        return f"adapter {adapter!r} is not a folder"
+    if index is not None and not index.expanduser().is_dir():
+        return f"index {str(index)!r} is not a folder (create one with `cfic index add`)"
+    return None
 
 
 def _is_loopback(host: str) -> bool:
@@ -57,10 +84,14 @@ def serve_command(
     max_request_bytes: Annotated[str, typer.Option("--max-request-bytes", help="Largest request body (413 "
                                                                                "beyond).")] = "2MiB",
     max_documents: Annotated[int, typer.Option("--max-documents", min=1, help="Documents per request (413 "
-                                                                              "beyond).")] = 16,
-    max_document_chars: Annotated[int, typer.Option("--max-document-chars", min=1, help="Characters per "
-                                                                                        "document (413 beyond).")]
-    = 100_000,
+                                                                              "beyond).")] = 4,
+    max_document_chars: Annotated[int, typer.Option(
+        "--max-document-chars", min=1, help="Characters per document (413 beyond); at most --max-total-chars.")]
+    = 12_000,
+    max_total_chars: Annotated[int, typer.Option(
+        "--max-total-chars", min=1, help="Characters of all documents of a request together (413 beyond). The "
+                                         "defaults fit the default model's prefill speed on a 2-core CPU within the "
+                                         "default timeout; raise them with --timeout.")] = 12_000,
     log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "info",
     swiftkv_layer: Annotated[int | None, typer.Option(
         "--swiftkv-layer", help="SwiftKV SingleInputKV from layer l on (off by default; zero-training unless "
@@ -77,7 +108,8 @@ def serve_command(
     layer_skip_warmup: Annotated[int | None, typer.Option(
         "--layer-skip-warmup", help="Layers that always run below the skipped band (default 4).")] = None,
 ) -> None:
-    """Serve POST /ground (verbatim evidence), GET /healthz, /readyz, /docs. The model is loaded once."""
+    """Serve POST /ground (verbatim evidence), GET /healthz, /readyz, /docs. The server listens at once and loads
+    the model in the background (/readyz: 503 "loading" until it is ready); a failed load stops it (exit 2)."""
     from cfic.api.settings import ServiceSettings, parse_size
     from cfic.config import acceleration_options, resolve_swiftkv
     from cfic.errors import CficError
@@ -92,37 +124,74 @@ def serve_command(
     logging.getLogger("cfic").setLevel(level.upper())  # also when the cfic CLI configured logging first
     settings = ServiceSettings(
         max_request_bytes=parse_size(max_request_bytes), max_documents=max_documents,
-        max_document_chars=max_document_chars, max_queue=max_queue, max_batch=max_batch, timeout_s=timeout,
+        max_document_chars=max_document_chars, max_total_chars=max_total_chars, max_queue=max_queue,
+        max_batch=max_batch, timeout_s=timeout,
         cache_bytes=parse_size(cache_bytes), api_key=api_key or None,
     )
     if not _is_loopback(host) and settings.api_key is None:
         log.warning("listening on %s without an API key: anyone who can reach this address can use the model",
                     host)
 
+    problem = _model_problem(model, None if no_adapter else adapter, index)
+    if problem:
+        raise CficError(problem)
+
     import uvicorn
 
     from cfic.api.app import create_app
-    from cfic.grounder import Grounder
+    from cfic.config import GroundingConfig
 
-    corpus = None
-    if index is not None:
-        from cfic.retrieval.index import CorpusIndex
+    failure: list[str] = []
+    server: uvicorn.Server | None = None
 
-        corpus = CorpusIndex.open(index, device=device)
-        _ = corpus.embedder  # load the embedding model now, not on the first request
+    def failed(exc: BaseException) -> None:
+        """A background load failed: /readyz reports it until the server, told here to exit, has stopped."""
+        failure.append(f"{type(exc).__name__}: {exc}" if not isinstance(exc, CficError) else str(exc))
+        if server is not None:  # always set: the loaders run once the server has started
+            server.should_exit = True
+
+    def load_grounder():
+        # Runs on the model worker's thread once the app starts: the server already answers /healthz.
+        try:
+            from cfic.grounder import Grounder
+
+            grounder = Grounder.from_pretrained(model, device=device, dtype=dtype,
+                                                adapter=None if no_adapter else (adapter or "auto"),
+                                                swiftkv=resolve_swiftkv(swiftkv, model), **accel)
+        except BaseException as exc:
+            failed(exc)
+            raise
+        log.info("model %s loaded on %s (%s)", grounder.model_name, grounder.loaded.device, grounder.loaded.dtype)
+        cfg = grounder.config
+        if cfg.swiftkv_layer is not None or cfg.layer_skip:
+            log.info("acceleration: swiftkv_layer=%s swiftkv_group=%s (%s) layer_skip=%s warmup=%s",
+                     cfg.swiftkv_layer, cfg.swiftkv_group, "distilled" if swiftkv else "zero-training",
+                     cfg.layer_skip, cfg.layer_skip_warmup)
+        return grounder
+
+    def load_index():
+        try:
+            from cfic.retrieval.index import CorpusIndex
+
+            corpus = CorpusIndex.open(index, device=device)
+            _ = corpus.embedder  # load the embedding model now, not on the first request
+        except BaseException as exc:
+            failed(exc)
+            raise
         log.info("index %s: %d documents", index, len(corpus))
-    grounder = Grounder.from_pretrained(model, device=device, dtype=dtype,
-                                        adapter=None if no_adapter else (adapter or "auto"),
-                                        swiftkv=resolve_swiftkv(swiftkv, model), **accel)
-    log.info("model %s loaded on %s (%s)", grounder.model_name, grounder.loaded.device, grounder.loaded.dtype)
-    cfg = grounder.config
-    if cfg.swiftkv_layer is not None or cfg.layer_skip:
-        log.info("acceleration: swiftkv_layer=%s swiftkv_group=%s (%s) layer_skip=%s warmup=%s", cfg.swiftkv_layer,
-                 cfg.swiftkv_group, "distilled" if swiftkv else "zero-training", cfg.layer_skip,
-                 cfg.layer_skip_warmup)
-    app = create_app(grounder, index=corpus, settings=settings)
+        return corpus
+
+    # The schema's span-token bounds come from the configuration the grounder will have (adapter settings only
+    # add a threshold, a prior and an abstention model).
+    app = create_app(load_grounder, index=load_index if index is not None else None, settings=settings,
+                     config=GroundingConfig().with_options(**accel))
     # uvicorn's access log is off: the app logs one line per request with its request id (and never headers).
-    uvicorn.run(app, host=host, port=port, log_level=level, access_log=False, timeout_graceful_shutdown=10)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=level, access_log=False,
+                                           timeout_graceful_shutdown=10))
+    log.info("loading the model in the background; /readyz answers 200 once it is ready")
+    server.run()
+    if failure:
+        raise CficError(f"the server stopped: loading failed: {failure[0]}")
 
 
 def main() -> None:

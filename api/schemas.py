@@ -6,7 +6,11 @@ CLI and the service without changing its parser; the service adds ``request_id``
 The request model is built per server (``build_request_model``) so that the published schema tells the truth
 about that server: its size limits appear as ``maxItems``/``maxLength``, ``documents`` is required unless the
 server has an index, and ``max_span_tokens`` starts at the grounder's sentence cap. The app answers a broken
-size limit with 413 (too large is a different remedy for the client than malformed, 422)."""
+size limit with 413 (too large is a different remedy for the client than malformed, 422).
+
+Validation is strict, one policy for every field: numbers must be JSON numbers and strings JSON strings
+(``"0.5"`` is not a threshold, ``"3"`` is not a ``top_k``, ``true`` is neither); the only conversion is the one
+JSON Schema itself makes, a whole float such as ``2.0`` is an ``integer``."""
 
 from __future__ import annotations
 
@@ -55,7 +59,7 @@ class DocumentIn(BaseModel):
     """One document, read whole by the model (never chunked)."""
 
     model_config = ConfigDict(
-        extra="forbid",
+        extra="forbid", strict=True,
         json_schema_extra={"examples": [{"id": "normans", "text": "The Normans conquered England in 1066. "
                                          "They built many castles.", "metadata": {"source": "history.txt"}}]},
     )
@@ -81,7 +85,7 @@ class GroundRequest(BaseModel):
     """A question and the documents to find verbatim evidence in."""
 
     model_config = ConfigDict(
-        extra="forbid",
+        extra="forbid", strict=True,
         json_schema_extra={"examples": [{
             "query": "When did the Normans conquer England?",
             "documents": [{"id": "normans", "text": "The Normans conquered England in 1066. They built many "
@@ -133,6 +137,7 @@ def build_request_model(
     max_document_chars: int,
     max_query_chars: int,
     has_index: bool,
+    max_total_chars: int | None = None,
     min_span_tokens: int = 1,
     max_span_tokens: int = MAX_SPAN_TOKENS,
 ) -> type[GroundRequest]:
@@ -146,7 +151,8 @@ def build_request_model(
                          description=f"The document text, read whole: at most {max_document_chars} characters "
                                      "on this server (413 beyond). A whitespace-only text is rejected (422).")),
     )
-    docs_help = f"Documents to ground in: at most {max_documents} per request on this server (413 beyond)."
+    total = f", {max_total_chars} characters in all" if max_total_chars is not None else ""
+    docs_help = f"Documents to ground in: at most {max_documents} per request{total} on this server (413 beyond)."
     fields: dict[str, Any] = {
         "query": (str, Field(min_length=1, max_length=max_query_chars,
                              description=f"The question: at most {max_query_chars} characters (413 "
@@ -248,7 +254,7 @@ class ErrorResponse(BaseModel):
     """Every error is JSON with a stable machine-readable `error` code and a human `message`."""
 
     error: str = Field(description="A stable code: bad_request, unauthorized, payload_too_large, "
-                                   "invalid_request, overloaded, timeout, not_found, ...")
+                                   "unsupported_media_type, invalid_request, overloaded, timeout, not_found, ...")
     message: str
     request_id: str
     details: list[dict[str, Any]] | None = Field(default=None, description="Per-field validation problems.")
@@ -275,6 +281,8 @@ class StatsResponse(BaseModel):
     rejected: int
     timed_out: int
     skipped: int
+    cancelled: int = Field(description="Requests whose model work was stopped when they timed out or their client "
+                                       "left.")
     batches: int
     max_batch_seen: int
     cache: dict[str, int]

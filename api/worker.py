@@ -9,10 +9,17 @@ dead work neither holds a place nor delays anyone.
 
 Micro-batching: each worker turn takes every request waiting at that moment (up to ``max_batch``) and runs them
 back to back; a document several of them share is encoded once (by the first) and reused by the others, cache
-or no cache. Each request is answered as soon as its own grounding is done, and its deadline is checked before
-its prefill starts. One combined prefill for the whole turn was tried first and dropped: on a CPU the prefill is
-compute-bound, so packing documents together saves little, while every request of the turn then waits for the
-slowest document's prefill (in the load test this turned queued requests into timeouts)."""
+or no cache. Each request is answered as soon as its own grounding is done. One combined prefill for the whole
+turn was tried first and dropped: on a CPU the prefill is compute-bound, so packing documents together saves
+little, while every request of the turn then waits for the slowest document's prefill (in the load test this
+turned queued requests into timeouts).
+
+Cancellation: a request's model work stops as soon as it is abandoned (its deadline passed or its client went
+away). The worker hands ``job.expired`` to the grounder as its ``cancel`` callback, which is asked between prefill
+passes (a long window is prefilled in passes of ``cfic.decoding.encode.PREFILL_CHUNK_TOKENS`` tokens) and between
+windows; a True answer raises ``GroundingCancelled`` and the worker moves on to the next request. (Without it a
+timed-out request kept the model busy until its whole prefill ended: its 504 went out on time, and the requests
+behind it timed out too.) Work stopped this way is lost, cached encodings of earlier requests are not."""
 
 from __future__ import annotations
 
@@ -27,7 +34,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from cfic.api.cache import EncodingCache, encoding_cache_key
-from cfic.errors import CficError
+from cfic.errors import CficError, GroundingCancelled
 from cfic.types import Document, GroundingResult
 
 log = logging.getLogger("cfic.api.worker")
@@ -94,6 +101,7 @@ class WorkerStats:
     rejected: int = 0
     timed_out: int = 0  # answered 504 (counted by the request side)
     skipped: int = 0  # abandoned before the worker ran them (their model work was saved)
+    cancelled: int = 0  # abandoned while the worker ran them: stopped between prefill passes or windows
     batches: int = 0
     max_batch_seen: int = 0
 
@@ -318,8 +326,9 @@ class ModelWorker:
             started = time.perf_counter()
             try:
                 outcome = self._run_job(job, base, turn)
-            except JobExpired:
-                self._skip(job)
+            except GroundingCancelled:
+                self.stats.cancelled += 1
+                self._resolve(job, exc=JobExpired("the request timed out (its model work was stopped)"))
             except Exception as exc:  # noqa: BLE001
                 self.stats.failed += 1
                 if not isinstance(exc, CficError):
@@ -349,13 +358,13 @@ class ModelWorker:
         encode_ms = 0.0
         if missing:
             t0 = time.perf_counter()
-            encodings = self.grounder.encode(list(missing.values()))
+            encodings = self.grounder.encode(list(missing.values()), cancel=job.expired)
             encode_ms = (time.perf_counter() - t0) * 1000
             for k, enc in zip(missing, encodings, strict=True):
                 turn[k] = enc
                 self.cache.put(k, enc)
         if job.expired():  # the prefill is cached for a retry; the grounding would be answered to nobody
-            raise JobExpired("the request timed out")
+            raise GroundingCancelled("the request timed out")
         encodings = []
         cached_tokens = 0
         seen: set[tuple] = set()
@@ -370,7 +379,8 @@ class ModelWorker:
                 enc = replace(enc, document_id=doc_id, metadata=dict(doc.metadata))
             encodings.append(enc)
         result = self.grounder.ground(job.query, encodings, top_k=job.top_k,
-                                      max_span_tokens=job.max_span_tokens, threshold=job.threshold)
+                                      max_span_tokens=job.max_span_tokens, threshold=job.threshold,
+                                      cancel=job.expired)
         return JobOutcome(result, cached_tokens, encode_ms, (picked - job.enqueued) * 1000, job.retrieved)
 
     def _retrieve(self, job: GroundJob) -> tuple[list[Document], list[Retrieved]]:

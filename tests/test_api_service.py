@@ -7,16 +7,19 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import threading
 import time
 
 import httpx
 import pytest
+from conftest import make_tiny_loaded
 from fastapi.testclient import TestClient
 
 from cfic.api.app import create_app
 from cfic.api.settings import ServiceSettings
-from cfic.errors import ModelLoadError
+from cfic.errors import CficError, ModelLoadError
+from cfic.grounder import Grounder
 
 DOCS = [
     {"id": "normans", "text": "The Normans conquered England in 1066. They built many castles across the land.\n"
@@ -157,7 +160,17 @@ def test_the_span_budget_is_bounded_by_the_grounders_own_configuration(client, t
     ({"query": "q", "documents": [{"text": "t", "title": "x"}]}, 422),
     ({"query": "q", "documents": DOCS, "top_k": 0}, 422),
     ({"query": "q", "documents": DOCS, "top_k": "3"}, 422),
+    ({"query": "q", "documents": DOCS, "top_k": True}, 422),
+    ({"query": "q", "documents": DOCS, "top_k": 2.5}, 422),
     ({"query": "q", "documents": DOCS, "threshold": 1.5}, 422),
+    # One strict policy for every field: numbers are JSON numbers, strings JSON strings.
+    ({"query": "q", "documents": DOCS, "threshold": "0.5"}, 422),
+    ({"query": "q", "documents": DOCS, "threshold": True}, 422),
+    ({"query": "q", "documents": DOCS, "max_span_tokens": "128"}, 422),
+    ({"query": 5, "documents": DOCS}, 422),
+    ({"query": "q", "documents": [{"id": 7, "text": "Some text."}]}, 422),
+    ({"query": "q", "documents": [{"text": 12}]}, 422),
+    ({"query": "q", "documents": [{"text": "Some text.", "metadata": "not an object"}]}, 422),
     ({"query": "q", "documents": DOCS, "max_span_tokens": 10}, 422),  # below max_sentence_tokens: core refuses
     ({"query": "q", "documents": "a plain string"}, 422),
     ({"query": "q"}, 422),  # no documents and no index
@@ -177,7 +190,7 @@ def test_malformed_json_and_lone_surrogates(client):
     r = client.post("/ground", content=raw, headers={"content-type": "application/json"})
     assert r.status_code == 422 and r.json()["message"].startswith("query")
     r = client.post("/ground", content=b"query=q", headers={"content-type": "application/x-www-form-urlencoded"})
-    assert r.status_code == 422
+    assert r.status_code == 415 and r.json()["error"] == "unsupported_media_type"
 
 
 def test_unknown_routes_and_methods_are_json(client):
@@ -208,7 +221,7 @@ def test_limits_answer_413_with_a_clear_message(tiny_grounder):
         assert r.status_code == 413
         # A lying Content-Length is refused, not trusted.
         r = c.post("/ground", content=b"{}", headers={"content-type": "application/json", "content-length": "-5"})
-        assert r.status_code in (400, 413)
+        assert r.status_code == 400 and r.json()["error"] == "bad_request"
         ok = c.post("/ground", json={"query": "q", "documents": [{"text": "Short. Fine."}]})
         assert ok.status_code == 200
 
@@ -338,12 +351,14 @@ async def test_a_request_past_its_deadline_gets_504_and_the_server_goes_on(tiny_
         r = await c.post("/ground", json={"query": "q", "documents": [doc_about(1)]})
         assert r.status_code == 504 and r.json()["error"] == "timeout"
         gate.opened.set()
-        # The worker finishes the encoding it had started, caches it, and skips the abandoned grounding.
-        await wait_until(lambda: worker.stats.skipped == 1)
-        assert worker.stats.processed == 0 and worker.stats.timed_out == 1
+        # The worker was inside encode when the deadline passed: the prefill asks its cancel callback first and
+        # stops, so no model work is spent on an answer nobody reads.
+        await wait_until(lambda: worker.stats.cancelled == 1)
+        assert worker.stats.processed == 0 and worker.stats.timed_out == 1 and worker.stats.skipped == 0
         retry = await c.post("/ground", json={"query": "q", "documents": [doc_about(1)]})
         assert retry.status_code == 200, retry.text
-        assert retry.json()["usage"]["cached_tokens"] > 0
+        assert retry.json()["usage"]["cached_tokens"] == 0
+        assert (await c.get("/stats")).json()["cancelled"] == 1
     worker.stop()
 
 
@@ -434,3 +449,242 @@ async def test_a_timed_out_request_frees_its_place_in_the_queue(tiny_grounder):
         assert (await late).status_code != 503
         assert worker.stats.rejected == 0
     worker.stop()
+
+
+def test_every_field_follows_the_same_strict_number_policy(client):
+    """A numeric string is refused for every numeric field alike (it used to pass for `threshold` only); JSON
+    numbers pass, including a whole float for an integer field (JSON Schema's `integer`) and an int for a float."""
+    body = {"query": "castles?", "documents": DOCS[:1]}
+    for field, text in (("threshold", "0.5"), ("top_k", "3"), ("max_span_tokens", "128")):
+        r = client.post("/ground", json={**body, field: text})
+        assert r.status_code == 422, (field, r.text)
+        assert r.json()["error"] == "invalid_request" and r.json()["message"].startswith(field)
+    ok = client.post("/ground", json={**body, "threshold": 0, "top_k": 2.0, "max_span_tokens": 128.0})
+    assert ok.status_code == 200, ok.text
+    assert len(ok.json()["evidence"]) <= 2
+
+
+# ------------------------------------------------------------------------------------------------ content type
+@pytest.mark.parametrize("content_type", [
+    "text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "application/xml",
+    "application/jsonx", "application/json; charset=latin-1", "", "json", None,
+])
+def test_non_json_bodies_get_415_json(client, content_type):
+    body = json.dumps({"query": "q", "documents": DOCS[:1]}).encode()  # valid JSON: only the declared type is wrong
+    r = client.post("/ground", content=body, headers={} if content_type is None else {"content-type": content_type})
+    assert r.status_code == 415, r.text
+    data = r.json()
+    assert data["error"] == "unsupported_media_type" and "JSON" in data["message"]
+    assert data["request_id"] == r.headers["x-request-id"]
+
+
+@pytest.mark.parametrize("content_type", [
+    "application/json", "Application/JSON", "application/json; charset=utf-8", 'application/json;charset="UTF-8"',
+    "application/vnd.api+json",
+])
+def test_json_content_types_are_accepted(client, content_type):
+    body = json.dumps({"query": "Who built castles?", "documents": DOCS[:1]}).encode()
+    r = client.post("/ground", content=body, headers={"content-type": content_type})
+    assert r.status_code == 200, r.text
+
+
+def test_content_type_does_not_hide_routing_or_auth_errors(tiny_grounder):
+    with TestClient(create_app(tiny_grounder, settings=ServiceSettings(api_key="ct-key-1"))) as c:
+        plain = {"content-type": "text/plain"}
+        assert c.post("/ground", content=b"x", headers=plain).status_code == 401
+        assert c.post("/nope", content=b"x", headers=plain).status_code == 404
+        assert c.post("/healthz", content=b"x", headers=plain).status_code == 405
+
+
+# ------------------------------------------------------------------------------------------------ raw ASGI
+async def asgi_request(app, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes = b"",
+                       leave: asyncio.Event | None = None) -> tuple[int, dict[bytes, bytes], bytes]:
+    """Drive the app with raw ASGI messages (headers exactly as given). After the body, ``receive`` answers
+    ``http.disconnect`` once the response is complete -- or as soon as ``leave`` is set (the client went away)."""
+    sent: list[dict] = []
+    done = asyncio.Event()
+    first = True
+
+    async def receive():
+        nonlocal first
+        if first:
+            first = False
+            return {"type": "http.request", "body": body, "more_body": False}
+        waiters = [asyncio.ensure_future(done.wait())] + ([asyncio.ensure_future(leave.wait())] if leave else [])
+        _, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        for w in pending:
+            w.cancel()
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            done.set()
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": headers,
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80), "state": {}}
+    await app(scope, receive, send)
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    return start["status"], dict(start["headers"]), b"".join(m.get("body", b"") for m in sent[1:])
+
+
+@pytest.mark.parametrize("lengths", [[b"-1"], [b"abc"], [b"+5"], [b"1_0"], [b"5, 5"], [b"0x10"], [b""],
+                                     [b"2", b"3"], [b"99999999999999999999999"]])
+async def test_a_malformed_content_length_gets_a_json_400(tiny_grounder, lengths):
+    """Through the ASGI app, whatever the server in front lets through. (uvicorn itself refuses most of these
+    -- -1, abc, +5 -- with its own plain-text 400 before the app sees them: see test_api_serve.)"""
+    app = create_app(tiny_grounder)
+    headers = [(b"content-type", b"application/json")] + [(b"content-length", v) for v in lengths]
+    status, headers_out, body = await asgi_request(app, "POST", "/ground", headers, b"{}")
+    assert status == 400
+    data = json.loads(body)
+    assert data["error"] == "bad_request" and "Content-Length" in data["message"]
+    assert headers_out[b"content-type"] == b"application/json"
+    assert headers_out[b"connection"] == b"close"
+    ok = json.dumps({"query": "q", "documents": DOCS[:1]}).encode()
+    status, _, _ = await asgi_request(app, "POST", "/ground", [(b"content-type", b"application/json"),
+                                                               (b"content-length", str(len(ok)).encode())], ok)
+    assert status == 200
+    app.state.worker.stop()
+
+
+# ------------------------------------------------------------------------------------------------ total size limit
+def test_the_documents_of_a_request_are_limited_in_total(tiny_grounder):
+    settings = ServiceSettings(max_documents=4, max_document_chars=300, max_total_chars=500)
+    with TestClient(create_app(tiny_grounder, settings=settings)) as c:
+        doc = {"text": "A sentence of some length. " * 10}  # 270 characters: each one fits
+        r = c.post("/ground", json={"query": "q", "documents": [doc, doc]})
+        assert r.status_code == 413, r.text
+        assert r.json()["error"] == "payload_too_large" and "540 characters" in r.json()["message"]
+        assert c.post("/ground", json={"query": "q", "documents": [doc]}).status_code == 200
+        schema = c.get("/openapi.json").json()
+        assert "500 characters in all" in schema["components"]["schemas"]["GroundRequest"]["properties"][
+            "documents"]["description"]
+        assert "500 for all documents" in schema["info"]["description"]
+    with pytest.raises(CficError, match="max_total_chars"):
+        ServiceSettings(max_document_chars=20_000, max_total_chars=10_000)
+
+
+def test_default_limits_fit_the_default_timeout():
+    """The documented budget (cfic.api.settings): a maximal request is ~3,600 tokens of documents plus 4 windows
+    of grounding (~5 s = ~750 token-equivalents each), ~45 s at the ~150 prefill tokens/s measured for the default
+    model on 2 busy CPU cores: within the timeout with room to spare."""
+    d = ServiceSettings()
+    assert d.timeout_s == 60.0
+    tokens = d.max_total_chars / 3.3 + d.max_documents * 750  # 3.3 characters per token: markdown/code English
+    assert tokens / 150 <= 0.75 * d.timeout_s
+    assert d.max_document_chars <= d.max_total_chars
+
+
+# ------------------------------------------------------------------------------------------------ offline docs
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_docs_pages_load_their_assets_from_this_server(client, page):
+    r = client.get(page)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    html = r.text
+    assert "http://" not in html and "https://" not in html and "//cdn" not in html, html
+    urls = re.findall(r"""(?:src|href)=["']([^"']+)["']""", html)
+    assert any(u.endswith(".js") for u in urls), urls
+    if page == "/docs":
+        assert any(u.endswith(".css") for u in urls), urls
+        assert '"validatorUrl": null' in html  # Swagger UI would otherwise call the public validator
+    for url in urls:
+        assert url.startswith("/") and not url.startswith("//"), url
+        asset = client.get(url)
+        assert asset.status_code == 200, url
+        kind = asset.headers["content-type"]
+        if url.endswith(".js"):
+            assert "javascript" in kind and len(asset.content) > 100_000
+        elif url.endswith(".css"):
+            assert kind.startswith("text/css") and len(asset.content) > 10_000
+    assert client.get("/openapi.json").status_code == 200
+
+
+# ------------------------------------------------------------------------------------------------ cancellation
+class SlowCPU:
+    """The tiny model at the speed of a real one on a CPU: every decoder layer sleeps in proportion to the tokens it
+    is given (``time.sleep`` releases the GIL, as torch's kernels do). No part of cfic changes: only the model's wall
+    time grows, so the worker's deadline handling meets the timing it meets in production."""
+
+    def __init__(self, model, seconds_per_token: float):
+        self.layers = list(model.model.layers)
+        self.seconds_per_token = seconds_per_token
+        self.tokens = 0  # tokens through the first layer
+        self.handles = [layer.register_forward_pre_hook(self._hook) for layer in self.layers]
+
+    def _hook(self, module, args):
+        n = args[0].shape[0] * args[0].shape[1]
+        if module is self.layers[0]:
+            self.tokens += n
+        time.sleep(n * self.seconds_per_token)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+async def test_a_timed_out_request_stops_its_model_work_and_the_next_requests_are_served(tokenizer):
+    """The reported defect, scaled down: a request with a long document times out; a tiny request sent while it
+    still runs and one sent after its 504 must both be answered (200) within their own timeout. Before, the
+    worker went on prefilling the abandoned document (~18 s here) and both tiny requests got 504 too."""
+    loaded = make_tiny_loaded(tokenizer)
+    slow = SlowCPU(loaded.model, 0.0005)  # 1 ms per token per pass over 2 layers: 512-token passes take ~0.5 s
+    timeout = 3.0
+    app = create_app(Grounder(loaded), settings=ServiceSettings(timeout_s=timeout, max_document_chars=60_000,
+                                                                max_total_chars=60_000))
+    worker = app.state.worker
+    text = " ".join(f"Sentence number {i} says that item {i} is kept in box {i % 7}." for i in range(900))
+    n_long = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    assert n_long > 15_000  # several windows of the tiny model's 4,096-token context
+    tiny = {"query": "What is item 3?", "documents": [doc_about(3)]}
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test",
+                                     timeout=120) as c:
+            started = time.monotonic()
+            long = asyncio.create_task(c.post("/ground", json={"query": "Where is item 5?",
+                                                               "documents": [{"id": "long", "text": text}]}))
+            await wait_until(lambda: slow.tokens > 0)  # the long document's prefill is under way
+            await asyncio.sleep(max(0.0, started + timeout - 0.5 - time.monotonic()))
+            during = asyncio.create_task(c.post("/ground", json=tiny))  # ~0.5 s before the long one's deadline
+            r_long = await long
+            assert r_long.status_code == 504, r_long.text
+            after = await c.post("/ground", json={**tiny, "query": "Which box holds item 3?"})
+            r_during = await during
+            stats = (await c.get("/stats")).json()
+    finally:
+        slow.remove()
+        worker.stop()
+    assert r_during.status_code == 200, r_during.text
+    assert after.status_code == 200, after.text
+    for r in (r_during, after):
+        assert r.json()["usage"]["latency_ms"] < timeout * 1000
+        assert_verbatim(r.json(), tiny["documents"])
+    assert stats["cancelled"] == 1 and stats["timed_out"] == 1 and stats["processed"] == 2
+    # Stopped between prefill passes, long before the end of the document.
+    assert slow.tokens < n_long / 3, (slow.tokens, n_long)
+
+
+async def test_a_client_that_disconnects_frees_the_model(tiny_grounder):
+    """The client goes away while its request runs: the route notices the ASGI disconnect, abandons the job, and
+    the worker stops its model work instead of grounding for nobody."""
+    gate = Gate(tiny_grounder)
+    app = create_app(gate)
+    worker = app.state.worker
+    leave = asyncio.Event()
+    body = json.dumps({"query": "q", "documents": [doc_about(1)]}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    try:
+        task = asyncio.create_task(asgi_request(app, "POST", "/ground", headers, body, leave=leave))
+        await asyncio.to_thread(gate.entered.wait, 20)  # the worker is inside encode for this request
+        leave.set()
+        status, _, out = await asyncio.wait_for(task, 20)
+        assert status == 499 and json.loads(out)["error"] == "client_closed_request"
+        gate.opened.set()
+        await wait_until(lambda: worker.stats.cancelled == 1)
+        assert worker.stats.processed == 0
+        status, _, out = await asgi_request(app, "POST", "/ground", headers, body)
+        assert status == 200, out
+    finally:
+        gate.opened.set()
+        worker.stop()
