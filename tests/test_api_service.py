@@ -625,12 +625,13 @@ class SlowCPU:
 
 
 async def test_a_timed_out_request_stops_its_model_work_and_the_next_requests_are_served(tokenizer):
-    """The reported defect, scaled down: a request with a long document times out; a tiny request sent while it
+    """The reported defect (`--timeout 8`): a request with a long document times out; a tiny request sent while it
     still runs and one sent after its 504 must both be answered (200) within their own timeout. Before, the
-    worker went on prefilling the abandoned document (~18 s here) and both tiny requests got 504 too."""
+    worker went on prefilling the abandoned document (~36 s here) and both tiny requests got 504 too. (The margins
+    leave room for a CPU shared with other work: the test only needs the long prefill to start within 8 s.)"""
     loaded = make_tiny_loaded(tokenizer)
-    slow = SlowCPU(loaded.model, 0.0005)  # 1 ms per token per pass over 2 layers: 512-token passes take ~0.5 s
-    timeout = 3.0
+    slow = SlowCPU(loaded.model, 0.001)  # 2 ms per token per pass over 2 layers: 512-token passes take ~1 s
+    timeout = 8.0
     app = create_app(Grounder(loaded), settings=ServiceSettings(timeout_s=timeout, max_document_chars=60_000,
                                                                 max_total_chars=60_000))
     worker = app.state.worker
@@ -645,8 +646,8 @@ async def test_a_timed_out_request_stops_its_model_work_and_the_next_requests_ar
             long = asyncio.create_task(c.post("/ground", json={"query": "Where is item 5?",
                                                                "documents": [{"id": "long", "text": text}]}))
             await wait_until(lambda: slow.tokens > 0)  # the long document's prefill is under way
-            await asyncio.sleep(max(0.0, started + timeout - 0.5 - time.monotonic()))
-            during = asyncio.create_task(c.post("/ground", json=tiny))  # ~0.5 s before the long one's deadline
+            await asyncio.sleep(max(0.0, started + timeout - 1.0 - time.monotonic()))
+            during = asyncio.create_task(c.post("/ground", json=tiny))  # ~1 s before the long one's deadline
             r_long = await long
             assert r_long.status_code == 504, r_long.text
             after = await c.post("/ground", json={**tiny, "query": "Which box holds item 3?"})
@@ -662,7 +663,7 @@ async def test_a_timed_out_request_stops_its_model_work_and_the_next_requests_ar
         assert_verbatim(r.json(), tiny["documents"])
     assert stats["cancelled"] == 1 and stats["timed_out"] == 1 and stats["processed"] == 2
     # Stopped between prefill passes, long before the end of the document.
-    assert slow.tokens < n_long / 3, (slow.tokens, n_long)
+    assert slow.tokens < n_long / 2, (slow.tokens, n_long)
 
 
 async def test_a_client_that_disconnects_frees_the_model(tiny_grounder):

@@ -35,7 +35,8 @@ def test_ground_returns_verbatim_ranked_spans(tiny_grounder):
     assert r.no_evidence is False
     assert r.usage.input_tokens > 0 and r.usage.cached_tokens == 0
     d = r.to_dict()
-    assert set(d) == {"query", "model", "evidence", "no_evidence", "usage"}
+    assert set(d) == {"query", "model", "evidence", "no_evidence", "no_evidence_probability", "usage"}
+    assert d["no_evidence_probability"] is None  # no abstention model configured
 
 
 def test_spans_in_one_document_never_overlap(tiny_grounder):
