@@ -6,7 +6,6 @@ import inspect
 import json
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import httpx
 import pytest
 
 from cfic.api.app import create_app
+from cfic.api.loadtest import _stop_server
 from cfic.api.settings import ServiceSettings, parse_size
 
 KEY = "live-Server-key-987"
@@ -156,16 +156,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)  # uvicorn shuts down gracefully on SIGINT
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-
-
 def test_serve_answers_liveness_at_once_and_loads_the_model_in_the_background(tiny_loaded, tmp_path):
     """`cfic serve` used to load the model before it listened: /healthz was unreachable during the load. Now the
     server listens first; /healthz answers while /readyz says "loading" (503, JSON), then "ready"."""
@@ -203,7 +193,7 @@ def test_serve_answers_liveness_at_once_and_loads_the_model_in_the_background(ti
             for ev in r.json()["evidence"]:
                 assert ev["text"] == DOC["text"][ev["start_char"]:ev["end_char"]]
     finally:
-        _stop(proc)
+        _stop_server(proc)
     assert proc.returncode == 0
 
 
