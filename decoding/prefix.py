@@ -49,10 +49,8 @@ class SearchPrior:
     log_prior: Tensor  # (document sentences,) float32, log-normalised over the document
     lm_weight: float = 1.0
 
-    def node(self, trie: SentenceTrie, node: int) -> float:
-        return float(torch.logsumexp(self.log_prior[trie.nodes[node].sentences], dim=0))
-
-    def node_terminal(self, sentences: list[int]) -> float:
+    def mass(self, sentences: list[int]) -> float:
+        """log of the prior mass of ``sentences`` (a trie node's sentences, or those ending at it)."""
         return float(torch.logsumexp(self.log_prior[sentences], dim=0))
 
 
@@ -68,7 +66,7 @@ def _expand(trie: SentenceTrie, prefix: Prefix, logprobs: Tensor, top_k: int,
     node = trie.nodes[prefix.node]
     if node.terminal and node.children:
         # A sentence ends here while longer ones continue: finishing is an option that costs no token.
-        p_term = prior.node_terminal(node.terminal) if prior is not None else 0.0
+        p_term = prior.mass(node.terminal) if prior is not None else 0.0
         out.append(Prefix(prefix.node, prefix.tokens, prefix.logprob_sum, prefix.positions, tuple(node.terminal),
                           p_term))
     allowed = trie.child_tokens(prefix.node)
@@ -79,7 +77,7 @@ def _expand(trie: SentenceTrie, prefix: Prefix, logprobs: Tensor, top_k: int,
     priors = torch.zeros(len(children))
     ranked = scores
     if prior is not None:
-        priors = torch.tensor([prior.node(trie, c) for c in children])
+        priors = torch.tensor([prior.mass(trie.nodes[c].sentences) for c in children])
         n = len(prefix.tokens) + 1
         ranked = prior.lm_weight * (prefix.logprob_sum + scores) / n + priors
     best = torch.topk(ranked, k=min(top_k, allowed.numel()))
