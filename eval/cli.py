@@ -36,6 +36,9 @@ def evaluate_command(
     threshold: Annotated[float | None, typer.Option(
         "--threshold", help="cfic's score threshold (0..1): below it cfic returns no evidence.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue an interrupted run from --out's journal (same settings) instead of "
+                         "starting over.")] = False,
 ) -> None:
     """Measure cfic and every baseline on the same documents; write report.json, report.md and a plot."""
     from cfic.errors import CficError
@@ -49,7 +52,7 @@ def evaluate_command(
     command = _command_line(dataset=dataset, data_file=data_file, limit=limit, seed=seed, methods=methods,
                             out=out, model=model, k=k, threshold=threshold)
     report = evaluate(dataset, data_file=data_file, limit=limit, seed=seed, methods=methods, out=out,
-                      model=model, k=k, threshold=threshold, progress=not quiet, command=command)
+                      model=model, k=k, threshold=threshold, progress=not quiet, command=command, resume=resume)
     typer.echo(markdown_table(report))
     typer.echo(f"\nwrote {out}/report.json, {out}/report.md, {out}/{PLOT_NAME} "
                f"({report['n']} examples, {report['wall_seconds']:.0f} s)")

@@ -17,12 +17,13 @@ from __future__ import annotations
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from cfic.errors import CficError
 from cfic.eval.datasets import Example, load_split
+from cfic.eval.journal import JOURNAL_NAME, JournalEntry, JournalWriter, read_journal
 from cfic.eval.methods import (
     DEFAULT_BUDGET,
     GENERATE_MAX_TOKENS,
@@ -50,20 +51,37 @@ def run_methods(
     *,
     progress: bool = True,
     desc: str = "evaluate",
+    done: Sequence[JournalEntry] = (),
+    on_example: Callable[[JournalEntry], None] | None = None,
 ) -> tuple[dict[str, list[ExampleScore]], dict[str, int]]:
-    """Score every method on every example; also count examples where ``generate`` had to cut the document."""
+    """Score every method on every example; also count examples where ``generate`` had to cut the document.
+
+    ``done`` are the first examples' entries from an earlier, interrupted run (they are not run again);
+    ``on_example`` receives each newly finished example (the journal writer).
+    """
     from tqdm.auto import tqdm
+
+    if [e.example_id for e in done] != [ex.id for ex in examples[: len(done)]]:
+        raise CficError("the journal's examples are not the first examples of this run; start over without --resume")
 
     order = sorted(methods, key=lambda m: 0 if m.name in BUDGET_SOURCES else 1)
     source = next((m.name for m in order if m.name in BUDGET_SOURCES), None)
     shares = Counter(ex.doc_key or ex.id for ex in examples)
     scores: dict[str, list[ExampleScore]] = {m.name: [] for m in methods}
     truncated: Counter[str] = Counter()
+    for entry in done:
+        for name in scores:
+            scores[name].append(entry.scores[name])
+        truncated.update(entry.truncated)
     states: dict[str, tuple[str, Any, float]] = {}  # state key -> (doc key, state, prepare ms)
     units_cache: tuple[str, list[Interval], list[int]] | None = None
     encode_reported: set[tuple[str, str]] = set()
-    bar = tqdm(examples, desc=desc, unit="ex", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(examples[len(done):], desc=desc, unit="ex", disable=not progress, file=sys.stderr,
+               dynamic_ncols=True, initial=len(done), total=len(examples))
     for ex in bar:
+        started = time.perf_counter()
+        finished: dict[str, ExampleScore] = {}
+        flags: dict[str, int] = {}
         key = ex.doc_key or ex.id
         if units_cache is None or units_cache[0] != key:
             units_cache = (key, _reference_units(ex.documents), ctx.count_tokens(list(ex.documents)))
@@ -88,16 +106,21 @@ def run_methods(
             run_ms = (time.perf_counter() - t0) * 1000
             stages.update(out.stages)
             evidence_tokens = sum(ctx.count_tokens([s.text for s in out.spans])) if out.spans else 0
-            scores[method.name].append(score_example(
+            finished[method.name] = score_example(
                 example_id=ex.id, documents=ex.documents, answers=ex.answers, answerable=ex.answerable,
                 gold=ex.gold, units=units, spans=out.spans, no_evidence=out.no_evidence,
                 evidence_tokens=evidence_tokens, document_tokens=doc_tokens,
                 latency_ms=prepare_ms / shares[key] + run_ms, stages=stages,
-                keep_text=method.name != "full-document"))
+                keep_text=method.name != "full-document")
+            scores[method.name].append(finished[method.name])
             truncated[method.name] += out.truncated
+            if out.truncated:
+                flags[method.name] = int(out.truncated)
             if method.name == source:
                 n = out.sentences if out.sentences > 0 else DEFAULT_BUDGET
                 budget = Budget(n, evidence_tokens or None)
+        if on_example is not None:
+            on_example(JournalEntry(ex.id, finished, flags, time.perf_counter() - started))
     return scores, dict(truncated)
 
 
@@ -116,8 +139,12 @@ def evaluate(
     command: str | None = None,
     generate_max_tokens: int = GENERATE_MAX_TOKENS,
     threshold: float | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Run the evaluation and return the report (also written to ``out`` when given).
+
+    With ``out``, every finished example is journalled there at once (:mod:`cfic.eval.journal`); ``resume``
+    continues an interrupted run with the same settings from its journal instead of starting over.
 
     ``grounder`` lets a caller pass an already loaded :class:`cfic.Grounder` (then ``model`` is ignored);
     ``generate_max_tokens`` caps the ``generate`` baseline's output length; ``threshold`` is cfic's score
@@ -135,8 +162,21 @@ def evaluate(
         ctx.grounder  # load the model before the progress bar starts  # noqa: B018
     if any(m.needs_embedder for m in method_objs):
         ctx.embedder  # noqa: B018
-    started = time.perf_counter()
-    scores, truncated = run_methods(examples, method_objs, ctx, progress=progress, desc=f"evaluate {dataset}")
+    settings = {"dataset": dataset, "data_file": None if data_file is None else Path(data_file).name,
+                "seed": seed, "methods": list(names), "k": k, "model": model, "threshold": threshold,
+                "generate_max_tokens": generate_max_tokens}
+    done: list[JournalEntry] = []
+    writer = None
+    if out is not None:
+        journal = Path(out) / JOURNAL_NAME
+        done = read_journal(journal, settings)[: len(examples)] if resume else []
+        writer = JournalWriter(journal, settings)
+        writer.start(done)
+    elif resume:
+        raise CficError("--resume needs --out (the folder whose journal to continue)")
+    started = time.perf_counter() - sum(e.seconds for e in done)
+    scores, truncated = run_methods(examples, method_objs, ctx, progress=progress, desc=f"evaluate {dataset}",
+                                    done=done, on_example=writer.append if writer else None)
     with_no_evidence = any(not ex.answerable for ex in examples)
     rows = {}
     for name in names:

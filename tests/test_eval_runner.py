@@ -115,3 +115,34 @@ def test_cli_command_rejects_bad_options_before_loading_anything(tmp_path):
         result = runner.invoke(app, [*args, "--out", str(tmp_path / "o")])
         assert isinstance(result.exception, CficError), args
         assert message in str(result.exception)
+
+
+def test_a_killed_run_resumes_from_its_journal_without_losing_or_repeating_examples(nq_file, tmp_path,
+                                                                                      small_grounder):
+    kwargs = dict(data_file=nq_file, k=3, limit=4, seed=2, methods="cfic,bm25", grounder=small_grounder,
+                  progress=False)
+    full = evaluate("nq", out=tmp_path / "full", **kwargs)
+    journal = (tmp_path / "full" / "journal.jsonl").read_text().splitlines()
+    assert len(journal) == 1 + 4
+    # A run killed while writing its third example: two whole lines and half of the third.
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    (killed / "journal.jsonl").write_text("\n".join(journal[:3]) + "\n" + journal[3][: len(journal[3]) // 2])
+    resumed = evaluate("nq", out=killed, resume=True, **kwargs)
+    assert without_timing(resumed) == without_timing(full)
+    lines = (killed / "journal.jsonl").read_text().splitlines()
+    assert lines[:3] == journal[:3]  # the finished examples were kept, not run again (same recorded times)
+    assert [json.loads(line)["example_id"] for line in lines[1:]] == \
+        [json.loads(line)["example_id"] for line in journal[1:]]
+    rows = [json.loads(line) for line in (killed / "examples.jsonl").read_text().splitlines()]
+    assert sorted((r["method"], r["example_id"]) for r in rows) == \
+        sorted({(r["method"], r["example_id"]) for r in rows})  # no example counted twice
+
+
+def test_resume_refuses_a_journal_written_with_other_settings(nq_file, tmp_path, small_grounder):
+    kwargs = dict(data_file=nq_file, k=3, limit=2, methods="bm25", grounder=small_grounder, progress=False)
+    evaluate("nq", out=tmp_path, seed=1, **kwargs)
+    with pytest.raises(CficError, match="seed"):
+        evaluate("nq", out=tmp_path, seed=2, resume=True, **kwargs)
+    with pytest.raises(CficError, match="--out"):
+        evaluate("nq", seed=1, resume=True, **kwargs)
