@@ -3,8 +3,9 @@ splits only, and write them into the adapter's ``cfic.json``.
 
 Three stages, each on training-side examples (the evaluation splits are never read):
 
-1. *Signal weights* (no LM): the weights of cosine(question, sentence), cosine(question, paragraph) and BM25 that
-   put an answer-bearing sentence among the prior's top ``top_k`` most often (NQ and HotpotQA train).
+1. *Signal weights* (no LM): the weights of cosine(question, sentence), cosine(question, paragraph), BM25 and the
+   answer-type match that put an answer-bearing sentence among the prior's top ``top_k`` most often (NQ and
+   HotpotQA train).
 2. *Prior scale and LM weight*: the real constrained prefix search with the prior, over a grid; the objective is
    the same top-``top_k`` hit rate of the start sentences it picks (the pure-LM search is one row of the grid).
 3. *Abstention*: a logistic model of "nothing here answers" from the question-level features
@@ -24,11 +25,12 @@ import numpy as np
 import typer
 
 from cfic.errors import CficError
-from cfic.prior import ABSTENTION_FEATURES, Abstention, PriorWeights, SentencePrior, abstention_features
+from cfic.prior import ABSTENTION_FEATURES, SIGNALS, Abstention, PriorWeights, SentencePrior, abstention_features
 
 SENTENCE_GRID = (0.0, 1.0)
 PARAGRAPH_GRID = (0.0, 0.25, 0.5, 1.0, 2.0)
 BM25_GRID = (0.0, 0.05, 0.1, 0.2, 0.4)
+ANSWER_TYPE_GRID = (0.0, 0.05, 0.1, 0.2, 0.3)
 SCALE_GRID = (5.0, 10.0, 20.0)
 LM_GRID = (0.0, 0.5, 1.0)
 
@@ -47,8 +49,8 @@ def top_hit(scores: np.ndarray, mask: np.ndarray, k: int) -> bool:
 def fit_signal_weights(items: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, float]:
     """Stage 1: the direction of the signal weights with the best top-k hit rate (``sentence`` fixed to 1 or 0)."""
     best, best_rate = None, -1.0
-    for w in itertools.product(SENTENCE_GRID, PARAGRAPH_GRID, BM25_GRID):
-        if not any(w):
+    for w in itertools.product(SENTENCE_GRID, PARAGRAPH_GRID, BM25_GRID, ANSWER_TYPE_GRID):
+        if not any(w[:3]):
             continue
         vec = np.array(w, dtype=np.float32)
         rate = float(np.mean([top_hit(sig @ vec, mask, k) for sig, mask in items]))
@@ -192,7 +194,10 @@ def fit_prior(n_nq: int = 60, n_hotpot: int = 30, n_stage1: int = 400, adapter: 
     configs.append(("lm-only", 1.0))
 
     def weights_of(cfg: tuple[Any, float]) -> PriorWeights | None:
-        return None if cfg[0] == "lm-only" else PriorWeights(*(direction * cfg[0]).tolist(), lm=cfg[1])
+        if cfg[0] == "lm-only":
+            return None
+        sentence, paragraph, bm25, answer_type = (direction * cfg[0]).tolist()
+        return PriorWeights(sentence, paragraph, bm25, lm=cfg[1], answer_type=answer_type)
 
     hits: dict[tuple[Any, float], list[bool]] = {c: [] for c in configs}
     records: list[dict[str, Any]] = []
@@ -235,7 +240,7 @@ def fit_prior(n_nq: int = 60, n_hotpot: int = 30, n_stage1: int = 400, adapter: 
     others_abstain = float(np.mean(probs[n_squad:] >= threshold)) if len(probs) > n_squad else 0.0
 
     report = {
-        "prior": {"weights": weights.to_dict(), "signals": ["sentence", "paragraph", "bm25"],
+        "prior": {"weights": weights.to_dict(), "signals": list(SIGNALS),
                   "stage1": {"examples": len(items), "top_k_hit": rate1, "sentence_cosine_only": baseline1,
                              "direction": direction.tolist()},
                   "stage2": {"examples": len(records), "top_k_hit": {f"{c[0]}/{c[1]}": r for c, r in rates.items()},

@@ -91,7 +91,7 @@ def test_paragraph_bounds_and_signals():
     np.testing.assert_allclose(np.linalg.norm(feats.paragraph_vectors, axis=1), 1.0, atol=1e-5)
     query = "Which direction does the Nile flow?"
     sig = SentencePrior.signals(query, prior.query_vector(query), feats)
-    assert sig.shape == (len(sentences), 3)
+    assert sig.shape == (len(sentences), 4)
     assert int(np.argmax(sig[:, 0])) == 1  # the sentence about the Nile
     assert sig[0, 1] == sig[1, 1] > sig[3, 1]  # paragraph cosine is shared within a paragraph
     assert sig[:, 2].max() == pytest.approx(1.0) and sig[1, 2] == pytest.approx(1.0)
@@ -149,12 +149,13 @@ def test_fitting_finds_the_informative_signal_and_separates_classes():
     rng = np.random.default_rng(0)
     items = []
     for _ in range(40):
-        sig = rng.normal(size=(30, 3)).astype(np.float32)
+        sig = rng.normal(size=(30, 4)).astype(np.float32)
+        sig[:, 3] = rng.integers(0, 2, size=30)  # the answer-type signal is 0/1
         mask = np.zeros(30, dtype=bool)
         mask[int(np.argmax(sig[:, 1]))] = True  # only the paragraph signal knows the answer
         items.append((sig, mask))
     direction, rate = fit_signal_weights(items, k=1)
-    assert rate == 1.0 and direction[1] > 0 and direction[0] == 0 and direction[2] == 0
+    assert rate == 1.0 and direction[1] > 0 and direction[0] == 0 and direction[2] == 0 and direction[3] == 0
     assert not all(top_hit(sig[:, 0], mask, 1) for sig, mask in items)
     x = rng.normal(size=(200, 4))
     y = (x[:, 0] - 2 * x[:, 3] > 0).astype(float)
@@ -170,3 +171,36 @@ def test_abstention_threshold_maximises_decisions_and_prefers_answering():
     assert abstention_threshold(p, np.array([0, 0, 1, 1])) == pytest.approx(0.7)
     # no threshold separates anything: answer everything (1.0 abstains on nothing below certainty)
     assert abstention_threshold(np.array([0.3, 0.3]), np.array([0, 0])) == 1.0
+
+
+def test_the_answer_type_signal_marks_sentences_holding_what_the_question_asks_for():
+    from cfic.prior import asked_answer_type, sentence_answer_types
+
+    texts = ["The Normans were in contact with England from an early date.",
+             "In 1066, Duke William II of Normandy conquered England.",
+             "Three hundred knights crossed the channel.",
+             "They married into the local nobility."]
+    types = sentence_answer_types(texts)
+    assert types.tolist() == [[0, 0], [1, 1], [0, 1], [0, 0]]  # a year is also a number; "date" alone is not one
+    assert asked_answer_type("When did the Normans conquer England?") == 0
+    assert asked_answer_type("In what year was the treaty signed?") == 0
+    assert asked_answer_type("How many knights crossed?") == 1
+    assert asked_answer_type("Who conquered England?") is None
+    assert asked_answer_type("¿Cuándo conquistaron Inglaterra?") is None  # silent outside English
+    text = " ".join(texts)
+    from cfic.text import split_sentences
+
+    sentences = split_sentences(text)
+    prior = SentencePrior()
+    feats = prior.features(text, sentences)
+    for query, column in (("When did the Normans conquer England?", [0, 1, 0, 0]),
+                          ("How many knights crossed the channel?", [0, 1, 1, 0]),
+                          ("Who ruled England?", [0, 0, 0, 0])):
+        sig = SentencePrior.signals(query, prior.query_vector(query), feats)
+        assert sig[:, 3].tolist() == column, query
+    # with the answer-type weight the dated sentence overtakes the topical one for the "when" question
+    query = "When did the Normans conquer England?"
+    sig = SentencePrior.signals(query, prior.query_vector(query), feats)
+    without = SentencePrior.log_prior(sig, PriorWeights(10.0, 0.0, 0.0, answer_type=0.0))
+    with_type = SentencePrior.log_prior(sig, PriorWeights(10.0, 0.0, 0.0, answer_type=10.0))
+    assert int(np.argmax(with_type)) == 1 and with_type[1] - with_type[0] > without[1] - without[0]
