@@ -7,7 +7,9 @@ Three stages, each on training-side examples (the evaluation splits are never re
    answer-type match that put an answer-bearing sentence among the prior's top ``top_k`` most often (NQ and
    HotpotQA train).
 2. *Prior scale and LM weight*: the real constrained prefix search with the prior, over a grid; the objective is
-   the same top-``top_k`` hit rate of the start sentences it picks (the pure-LM search is one row of the grid).
+   the same top-``top_k`` hit rate of the start sentences it picks, averaged over NQ, HotpotQA and the answerable
+   held-out SQuAD training questions (a whole article) so each document shape counts (the pure-LM search is one row
+   of the grid).
 3. *Abstention*: a logistic model of "nothing here answers" from the question-level features
    (:data:`cfic.prior.ABSTENTION_FEATURES`) on the SQuAD training questions that LoRA training held out
    (answerable and unanswerable) plus the stage-2 NQ/HotpotQA questions (answerable), at the chosen weights.
@@ -135,6 +137,8 @@ def fit_prior_command(
     dtype: Annotated[str | None, typer.Option("--dtype", help="Model dtype (default: the machine's).")] = None,
     squad_questions: Annotated[int, typer.Option("--squad-questions", min=4,
                                                  help="Held-out SQuAD training questions for stage 3.")] = 200,
+    squad_stage2: Annotated[int, typer.Option("--squad-stage2", min=0,
+                                              help="Answerable ones among them that also enter stage 2.")] = 30,
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="torch threads.")] = None,
 ) -> None:
     """Fit the sentence prior, the LM weight and abstention on the training splits; write them to cfic.json."""
@@ -143,7 +147,7 @@ def fit_prior_command(
     console = Console(stderr=True)
     try:
         report = fit_prior(examples, hotpot_examples, stage1_examples, adapter, out, dtype, n_squad=squad_questions,
-                           threads=threads)
+                           threads=threads, n_squad_stage2=squad_stage2)
     except CficError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
@@ -152,7 +156,7 @@ def fit_prior_command(
 
 def fit_prior(n_nq: int = 60, n_hotpot: int = 30, n_stage1: int = 400, adapter: str | None = None,
               out: str | None = None, dtype: str | None = None, progress: bool = True, n_squad: int = 200,
-              threads: int | None = None) -> dict[str, Any]:
+              threads: int | None = None, n_squad_stage2: int = 30) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from cfic.eval import load_split
@@ -187,9 +191,15 @@ def fit_prior(n_nq: int = 60, n_hotpot: int = 30, n_stage1: int = 400, adapter: 
     direction, rate1 = fit_signal_weights(items, k)
     baseline1 = float(np.mean([top_hit(sig[:, 0], mask, k) for sig, mask in items]))
 
-    # ---- stage 2: scale and LM weight with the real prefix search
-    stage2 = load_split("nq", "train")[n_stage1: n_stage1 + n_nq] + load_split("hotpotqa", "train")[
-        n_stage1 // 4: n_stage1 // 4 + n_hotpot]
+    # ---- stage 2: scale and LM weight with the real prefix search, on every document shape the toolkit grounds in:
+    # 20-passage NQ documents, 10-paragraph HotpotQA documents and a whole SQuAD article (one long document, many
+    # questions). The objective is the mean over the three of each one's top-k hit rate, so that the one long
+    # article counts as much as the many short documents (the first fits, on NQ/HotpotQA only, chose an LM weight
+    # that the long article does not support).
+    calib = calibration_examples(TrainSettings())[:n_squad]
+    stage2 = [("nq", ex) for ex in load_split("nq", "train")[n_stage1: n_stage1 + n_nq]]
+    stage2 += [("hotpotqa", ex) for ex in load_split("hotpotqa", "train")[n_stage1 // 4: n_stage1 // 4 + n_hotpot]]
+    stage2 += [("squad", ex) for ex in calib if ex.answerable][:n_squad_stage2]
     configs: list[tuple[Any, float]] = [(s, lm) for s in SCALE_GRID for lm in LM_GRID]
     configs.append(("lm-only", 1.0))
 
@@ -199,27 +209,35 @@ def fit_prior(n_nq: int = 60, n_hotpot: int = 30, n_stage1: int = 400, adapter: 
         sentence, paragraph, bm25, answer_type = (direction * cfg[0]).tolist()
         return PriorWeights(sentence, paragraph, bm25, lm=cfg[1], answer_type=answer_type)
 
-    hits: dict[tuple[Any, float], list[bool]] = {c: [] for c in configs}
+    hits: dict[str, dict[tuple[Any, float], list[bool]]] = {}
     records: list[dict[str, Any]] = []
-    for ex in tqdm(stage2, desc="stage 2: prior x LM search", unit="q", disable=not progress):
-        encs = grounder.encode(list(ex.documents))
+    encodings: dict[str, Any] = {}
+    squad_keys = {ex.doc_key or ex.id for src, ex in stage2 if src == "squad"}
+    for source, ex in tqdm(stage2, desc="stage 2: prior x LM search", unit="q", disable=not progress):
+        key = ex.doc_key or ex.id
+        if key not in encodings:
+            if source != "squad":  # one document per question: keep no old encodings (the SQuAD article stays)
+                encodings = {k: v for k, v in encodings.items() if k in squad_keys}
+            encodings[key] = grounder.encode(list(ex.documents))
+        encs = encodings[key]
         mask = _answer_mask(encs[0].sentences, ex.answers)
         if not mask.any():
             continue
         found = question_search(grounder, encs, ex.question, [weights_of(c) for c in configs])
         for cfg, (starts, _) in zip(configs, found["searches"], strict=True):
-            hits[cfg].append(bool(any(mask[s] for _, s in starts)))
-        records.append({"p_end": found["p_end"], "signals": found["signals"],
-                        "best": {c: b for c, (_, b) in zip(configs, found["searches"], strict=True)}})
-    rates = {c: float(np.mean(v)) for c, v in hits.items() if v}
+            hits.setdefault(source, {}).setdefault(cfg, []).append(bool(any(mask[s] for _, s in starts)))
+        if source != "squad":  # answerable questions from outside SQuAD for the abstention fit
+            records.append({"p_end": found["p_end"], "signals": found["signals"],
+                            "best": {c: b for c, (_, b) in zip(configs, found["searches"], strict=True)}})
+    by_source = {src: {c: float(np.mean(v)) for c, v in h.items()} for src, h in hits.items()}
+    rates = {c: float(np.mean([r[c] for r in by_source.values()])) for c in configs}
     best_cfg = max(configs[:-1], key=lambda c: (rates[c], -c[1]))
     weights = weights_of(best_cfg)
     assert weights is not None
 
     # ---- stage 3: abstention on held-out SQuAD training questions + the stage-2 questions
-    calib = calibration_examples(TrainSettings())[:n_squad]
     x, y = [], []
-    encodings: dict[str, Any] = {}
+    encodings = {}
     for ex in tqdm(calib, desc="stage 3: abstention", unit="q", disable=not progress):
         if ex.doc_key not in encodings:
             encodings[ex.doc_key] = grounder.encode(list(ex.documents))
@@ -243,7 +261,10 @@ def fit_prior(n_nq: int = 60, n_hotpot: int = 30, n_stage1: int = 400, adapter: 
         "prior": {"weights": weights.to_dict(), "signals": list(SIGNALS),
                   "stage1": {"examples": len(items), "top_k_hit": rate1, "sentence_cosine_only": baseline1,
                              "direction": direction.tolist()},
-                  "stage2": {"examples": len(records), "top_k_hit": {f"{c[0]}/{c[1]}": r for c, r in rates.items()},
+                  "stage2": {"examples": {src: len(next(iter(h.values()))) for src, h in hits.items()},
+                             "top_k_hit": {f"{c[0]}/{c[1]}": r for c, r in rates.items()},
+                             "top_k_hit_by_source": {src: {f"{c[0]}/{c[1]}": r for c, r in rs.items()}
+                                                     for src, rs in by_source.items()},
                              "chosen": {"scale": best_cfg[0], "lm": best_cfg[1]}}},
         "abstention": {**abst.to_dict(), "features": list(ABSTENTION_FEATURES),
                        "fit": {"squad_questions": n_squad, "squad_unanswerable": int(ya[:n_squad].sum()),

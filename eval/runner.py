@@ -124,6 +124,13 @@ def run_methods(
     return scores, dict(truncated)
 
 
+def _config_fingerprint(ctx: EvalContext) -> str:
+    import hashlib
+
+    grounder = ctx.grounder
+    return hashlib.sha256(f"{ctx.model_name}|{grounder.config!r}".encode()).hexdigest()[:16]
+
+
 def evaluate(
     dataset: str = "nq",
     *,
@@ -164,7 +171,10 @@ def evaluate(
         ctx.embedder  # noqa: B018
     settings = {"dataset": dataset, "data_file": None if data_file is None else Path(data_file).name,
                 "seed": seed, "methods": list(names), "k": k, "model": model, "threshold": threshold,
-                "generate_max_tokens": generate_max_tokens}
+                "generate_max_tokens": generate_max_tokens,
+                # the loaded configuration (fitted prior weights, abstention, budgets): a refit between two
+                # sessions must not be mixed into one table
+                "config": _config_fingerprint(ctx) if any(m.needs_lm for m in method_objs) else None}
     done: list[JournalEntry] = []
     writer = None
     if out is not None:

@@ -146,3 +146,10 @@ def test_resume_refuses_a_journal_written_with_other_settings(nq_file, tmp_path,
         evaluate("nq", out=tmp_path, seed=2, resume=True, **kwargs)
     with pytest.raises(CficError, match="--out"):
         evaluate("nq", seed=1, resume=True, **kwargs)
+    # a refit between sessions (other prior weights in the loaded configuration) is another run, not a continuation
+    kwargs |= {"methods": "cfic", "out": tmp_path / "cfic"}
+    evaluate("nq", seed=1, **kwargs)
+    refit = small_grounder.__class__(small_grounder.loaded, small_grounder.config.with_options(
+        prior=small_grounder.config.prior.__class__(1.0, 1.0, 1.0, 1.0)))
+    with pytest.raises(CficError, match="config"):
+        evaluate("nq", seed=1, resume=True, **{**kwargs, "grounder": refit})
