@@ -45,6 +45,11 @@ LayerSkipOpt = Annotated[int | None, typer.Option(
     "--layer-skip", help="SkipDecode: answer tokens skip up to this many lower layers (0: off).")]
 LayerSkipWarmupOpt = Annotated[int | None, typer.Option(
     "--layer-skip-warmup", help="Layers that always run below the skipped band (default 4).")]
+TopKOpt = Annotated[int, typer.Option("--top-k", min=1, help="Evidence spans to return per question.")]
+MaxSpanTokensOpt = Annotated[int | None, typer.Option(
+    "--max-span-tokens", min=1, help="Skip-decoding budget in tokens (default 128).")]
+ThresholdOpt = Annotated[float | None, typer.Option("--threshold", min=0.0, max=1.0,
+                                                    help="Drop spans scoring below this (0..1).")]
 
 
 def adapter_choice(adapter: str | None, no_adapter: bool) -> str | None:
@@ -54,6 +59,13 @@ def adapter_choice(adapter: str | None, no_adapter: bool) -> str | None:
     if no_adapter:
         return None
     return adapter or "auto"
+
+
+def span_budget_options(max_span_tokens: int | None) -> dict[str, int]:
+    """``--max-span-tokens`` as ``Grounder.from_pretrained`` keywords (a sentence may not exceed the span budget)."""
+    if max_span_tokens is None:
+        return {}
+    return {"max_span_tokens": max_span_tokens, "max_sentence_tokens": min(96, max_span_tokens)}
 
 
 def read_document(path: str) -> tuple[str, str]:
@@ -88,11 +100,9 @@ def ground(
     files: Annotated[list[str], typer.Argument(help="Document files (UTF-8 text); '-' reads stdin.")],
     query: Annotated[str, typer.Option("--query", "-q", help="The question.")],
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
-    top_k: Annotated[int, typer.Option("--top-k", min=1, help="Evidence spans to return.")] = 3,
-    max_span_tokens: Annotated[int | None, typer.Option(
-        "--max-span-tokens", min=1, help="Skip-decoding budget in tokens (default 128).")] = None,
-    threshold: Annotated[float | None, typer.Option("--threshold", min=0.0, max=1.0,
-                                                    help="Drop spans scoring below this (0..1).")] = None,
+    top_k: TopKOpt = 3,
+    max_span_tokens: MaxSpanTokensOpt = None,
+    threshold: ThresholdOpt = None,
     model: ModelOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
@@ -120,20 +130,16 @@ def ground(
     from cfic.grounder import Grounder
 
     swiftkv = resolve_swiftkv(swiftkv, model)
-    options: dict = dict(accel)
-    if max_span_tokens is not None:
-        options |= {"max_span_tokens": max_span_tokens, "max_sentence_tokens": min(96, max_span_tokens)}
+    options: dict = dict(accel) | span_budget_options(max_span_tokens)
     if no_prior:
         options |= {"prior": None, "abstention": None}
     grounder = Grounder.from_pretrained(model, device=device, dtype=dtype, adapter=adapter_arg, swiftkv=swiftkv,
                                         **options)
     result = grounder.ground(query, documents, top_k=top_k, threshold=threshold)
     if json_out:
-        out = result.to_dict()
-        out["usage"] = {k: out["usage"][k] for k in ("input_tokens", "cached_tokens", "latency_ms")} | {
-            "stages_ms": {k: out["usage"][k] for k in ("encode_ms", "prefix_ms", "skip_ms")}
-        }
-        typer.echo(json.dumps(out, ensure_ascii=False, indent=2))
+        from cfic.types import ground_json
+
+        typer.echo(json.dumps(ground_json(result), ensure_ascii=False, indent=2))
         return
     from rich.console import Console
 
@@ -153,6 +159,57 @@ def ground(
     console.print(
         f"[dim]{result.usage.input_tokens} input tokens, {result.usage.latency_ms:.0f} ms, model {result.model}[/dim]"
     )
+
+
+@app.command()
+def batch(
+    source: Annotated[str, typer.Argument(help="Questions: .jsonl/.json/.csv/.parquet, a save_to_disk folder, or a "
+                                               "Hugging Face dataset name (needs network).")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Output JSONL, one line per question (appended; rerun the "
+                                                        "same command to resume).")],
+    split: Annotated[str | None, typer.Option("--split", help="Split of a DatasetDict or hub dataset.")] = None,
+    index: Annotated[str | None, typer.Option(
+        "--index", help="Corpus index folder: rows without 'documents'/'document' get its best --docs documents.")]
+    = None,
+    docs: Annotated[int, typer.Option("--docs", min=1, help="Documents per question from --index.")] = 5,
+    top_k: TopKOpt = 3,
+    max_span_tokens: MaxSpanTokensOpt = None,
+    threshold: ThresholdOpt = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    adapter: AdapterOpt = None,
+    no_adapter: NoAdapterOpt = False,
+    ray: Annotated[bool, typer.Option("--ray", help="Run on a new local Ray instance (pip install 'cfic[ray]').")]
+    = False,
+    ray_address: Annotated[str | None, typer.Option(
+        "--ray-address", help="Run on an existing Ray cluster, e.g. 'auto' or 'ray://head:10001'.")] = None,
+    replicas: Annotated[int, typer.Option("--replicas", min=1, help="Model replicas (Ray actors).")] = 1,
+    cpus_per_replica: Annotated[float, typer.Option("--cpus-per-replica", min=0.1,
+                                                    help="CPUs Ray reserves per replica.")] = 1.0,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+) -> None:
+    """Ground every question of SOURCE; documents per row or from --index. Resumable: finished ids are skipped."""
+    from cfic.batch import BatchSettings, rows_from_table, run_batch
+    from cfic.eval.tables import load_table
+
+    model_options = {"model": model, "device": device, "dtype": dtype, "adapter": adapter_choice(adapter, no_adapter),
+                     **span_budget_options(max_span_tokens)}
+    table = load_table(source, split=split)
+    search = None
+    if index is not None:
+        from cfic.retrieval.index import CorpusIndex
+
+        corpus = CorpusIndex.open(index)
+
+        def search(question: str) -> list[dict[str, str]]:
+            return [{"id": hit.id, "text": hit.text} for hit in corpus.search(question, k=docs)]
+
+    rows = rows_from_table(table, search)
+    settings = BatchSettings(top_k=top_k, threshold=threshold, model_options=model_options)
+    counts = run_batch(rows, out, settings, ray=ray, ray_address=ray_address, replicas=replicas,
+                       cpus_per_replica=cpus_per_replica, progress=not quiet)
+    typer.echo(f"{counts['written']} written, {counts['skipped']} already done, {counts['rows']} rows -> {out}")
 
 
 def _register_components() -> None:

@@ -73,3 +73,13 @@ class GroundingResult:
             "no_evidence_probability": self.no_evidence_probability,
             "usage": self.usage.to_dict(),
         }
+
+
+def ground_json(result: GroundingResult) -> dict[str, Any]:
+    """The ``cfic ground --json`` schema (also each line of ``cfic batch``): usage keeps the token counts and the
+    latency, with the per-stage times under ``stages_ms``."""
+    out = result.to_dict()
+    usage = out["usage"]
+    out["usage"] = {k: usage[k] for k in ("input_tokens", "cached_tokens", "latency_ms")} | {
+        "stages_ms": {k: usage[k] for k in ("encode_ms", "prefix_ms", "skip_ms")}}
+    return out

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-DATASET_HELP = "nq (default), hotpotqa, squad or nq-long."
+DATASET_HELP = "nq (default), hotpotqa, squad, nq-long, or generic (your --data-file in the generic schema)."
 METHODS_HELP = ("Comma-separated: cfic, cfic-no-skip, cfic-zero-shot, embedding, bm25, generate, full-document, random "
                 "(default: all).")
 
@@ -24,8 +24,9 @@ def _command_line(**options: object) -> str:
 def evaluate_command(
     dataset: Annotated[str, typer.Option("--dataset", help=DATASET_HELP)] = "nq",
     data_file: Annotated[str | None, typer.Option(
-        "--data-file", help="Your own NQ-format file (nq-open-oracle .jsonl or .jsonl.gz); documents are "
-                            "built from its own passages.")] = None,
+        "--data-file", help="Your own data: with --dataset generic, rows of question, answers, documents (or "
+                            "document), optional id, gold spans and answerable, in .jsonl/.csv/.parquet or a saved "
+                            "dataset; with --dataset nq, an nq-open-oracle file.")] = None,
     limit: Annotated[int | None, typer.Option("--limit", help="Evaluate the first N examples.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Gold passage positions and the random baseline.")] = 0,
     methods: Annotated[str | None, typer.Option("--methods", help=METHODS_HELP)] = None,

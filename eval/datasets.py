@@ -35,7 +35,7 @@ from cfic.eval.metrics import Interval, contains_answer
 from cfic.text import split_sentences
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
-DATASETS = ("nq", "hotpotqa", "squad", "nq-long")
+DATASETS = ("nq", "hotpotqa", "squad", "nq-long", "generic")
 DEFAULT_K = 20
 NQ_EVAL_SIZE = 300
 MAX_PASSAGE_WORDS = 250
@@ -328,7 +328,8 @@ def _prebuilt(name: str, split: str) -> list[Example]:
     return examples
 
 
-_SPLITS = {"nq": ("eval", "train"), "hotpotqa": ("eval", "train"), "squad": ("eval", "train"), "nq-long": ("eval",)}
+_SPLITS = {"nq": ("eval", "train"), "hotpotqa": ("eval", "train"), "squad": ("eval", "train"), "nq-long": ("eval",),
+           "generic": ("eval",)}
 
 
 def load_split(
@@ -342,8 +343,9 @@ def load_split(
 ) -> list[Example]:
     """Examples of one dataset split, in a fixed order; ``limit`` keeps the first ``limit``.
 
-    ``data_file`` (NQ only) evaluates a user's file in the nq-open-oracle layout: every record, in file order,
-    with distractors drawn from that file's own passages.
+    ``data_file`` evaluates a user's file: with ``dataset="generic"`` any file in the generic schema
+    (:mod:`cfic.eval.generic`, read through ``datasets``); with ``dataset="nq"`` a file in the nq-open-oracle layout,
+    every record in file order with distractors drawn from that file's own passages.
     """
     if dataset not in DATASETS:
         raise CficError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
@@ -353,8 +355,17 @@ def load_split(
         raise CficError(f"--limit must be at least 1, got {limit}")
     if k is not None and dataset != "nq":
         raise CficError("--k (passages per document) applies to --dataset nq only")
+    if dataset == "generic":
+        if data_file is None:
+            raise CficError("--dataset generic needs --data-file (a file in the generic schema, see README)")
+        from cfic.eval.generic import examples_from_table
+        from cfic.eval.tables import load_table
+
+        examples = examples_from_table(load_table(data_file))
+        return examples[:limit] if limit else examples
     if data_file is not None and dataset != "nq":
-        raise CficError("--data-file takes NQ-format files (nq-open-oracle layout): use it with --dataset nq")
+        raise CficError("--data-file takes the generic schema (--dataset generic) or NQ-format files "
+                        "(nq-open-oracle layout, --dataset nq)")
     k = DEFAULT_K if k is None else k
     if k < 1:
         raise CficError(f"--k must be at least 1, got {k}")

@@ -53,6 +53,15 @@ def tiny_loaded(tokenizer):
 
 
 @pytest.fixture(scope="session")
+def tiny_model_folder(tmp_path_factory, tiny_loaded):
+    """The tiny model saved as a local HF folder, for code that loads models by path (CLI, training, batch)."""
+    folder = tmp_path_factory.mktemp("tiny-model")
+    tiny_loaded.model.save_pretrained(folder)
+    tiny_loaded.tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tiny_grounder(tiny_loaded):
     from cfic.grounder import Grounder
 

@@ -57,14 +57,6 @@ def test_prompts_that_need_windowing_are_skipped(tiny_grounder):
     assert build_items(g.tokenizer, g.template, g.config, [ex], "t", max_prompt_tokens=10) == []
 
 
-@pytest.fixture(scope="module")
-def tiny_model_folder(tmp_path_factory, tiny_loaded):
-    folder = tmp_path_factory.mktemp("tiny-model")
-    tiny_loaded.model.save_pretrained(folder)
-    tiny_loaded.tokenizer.save_pretrained(folder)
-    return folder
-
-
 def test_train_saves_resumes_and_the_adapter_changes_the_model(tmp_path, tiny_model_folder):
     out = tmp_path / "run"
     base = dict(out=str(out), model=str(tiny_model_folder), batch=2, lr=5e-3, warmup=1, max_examples=6,

@@ -1,0 +1,116 @@
+"""The generic evaluation schema: any QA set with evidence, as ``cfic evaluate --dataset generic --data-file FILE``.
+
+FILE is anything :func:`cfic.eval.tables.load_table` reads (JSONL, JSON, CSV, parquet, a saved dataset folder, a hub
+name). One row per question:
+
+- ``question`` (string, required);
+- ``documents`` (list of strings) or ``document`` (string) — the text(s) to ground the question in (required);
+- ``answers`` (list of strings, or one string; may be empty) — answer recall counts a question as found when a
+  normalised answer occurs in the evidence;
+- ``id`` (string or integer, optional; default: the row number) — unique;
+- ``gold`` (optional) — the gold evidence as character spans, a list of ``{"document": i, "start": a, "end": b}``
+  (``document`` defaults to 0) with ``documents[i][a:b]`` the evidence; sentence precision/recall/F1 need it;
+- ``answerable`` (bool, optional) — ``false`` marks a question the documents do not answer (no-evidence accuracy
+  is reported when any row has it); default ``true``.
+
+Rows that share the same documents share their encoding during the run (the first row's document text decides).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from cfic.errors import CficError
+from cfic.eval.datasets import Example
+from cfic.eval.metrics import Interval
+
+
+def _texts(row: Mapping[str, Any], where: str) -> tuple[str, ...]:
+    many, one = row.get("documents"), row.get("document")
+    if many is not None and one is not None:
+        raise CficError(f"{where}: give 'documents' or 'document', not both")
+    if one is not None:
+        many = [one]
+    if many is None:
+        raise CficError(f"{where}: needs 'documents' (a list of strings) or 'document' (a string)")
+    if isinstance(many, str) or not isinstance(many, Iterable):
+        raise CficError(f"{where}: 'documents' must be a list of strings (use 'document' for one)")
+    texts = tuple(many)
+    if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+        raise CficError(f"{where}: documents must be non-empty strings")
+    return texts
+
+
+def _answers(row: Mapping[str, Any], where: str) -> tuple[str, ...]:
+    answers = row.get("answers")
+    if answers is None:
+        return ()
+    if isinstance(answers, str):
+        answers = [answers]
+    if not isinstance(answers, Iterable) or not all(isinstance(a, str) for a in answers):
+        raise CficError(f"{where}: 'answers' must be a list of strings")
+    return tuple(a for a in answers if a.strip())
+
+
+def _gold(row: Mapping[str, Any], texts: tuple[str, ...], where: str) -> tuple[Interval, ...]:
+    spans = row.get("gold")
+    if spans is None:
+        return ()
+    if isinstance(spans, (str, Mapping)) or not isinstance(spans, Iterable):
+        raise CficError(f"{where}: 'gold' must be a list of {{document, start, end}} spans")
+    out: list[Interval] = []
+    for j, span in enumerate(spans):
+        at = f"{where}, gold[{j}]"
+        if not isinstance(span, Mapping):
+            raise CficError(f"{at}: expected {{\"document\": i, \"start\": a, \"end\": b}}")
+        doc = 0 if span.get("document") is None else span["document"]
+        start, end = span.get("start"), span.get("end")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (doc, start, end)):
+            raise CficError(f"{at}: document, start and end must be integers")
+        if not 0 <= doc < len(texts):
+            raise CficError(f"{at}: document {doc} does not exist (the row has {len(texts)})")
+        if not 0 <= start < end <= len(texts[doc]):
+            raise CficError(f"{at}: needs 0 <= start < end <= {len(texts[doc])} (the document's length), got "
+                            f"{start}..{end}")
+        out.append((doc, start, end))
+    return tuple(out)
+
+
+def _answerable(row: Mapping[str, Any], where: str) -> bool:
+    value = row.get("answerable")
+    if value is None:
+        return True
+    if not isinstance(value, bool):
+        raise CficError(f"{where}: 'answerable' must be true or false")
+    return value
+
+
+def examples_from_table(table: Iterable[Mapping[str, Any]]) -> list[Example]:
+    """Validated :class:`Example` objects, one per row, in row order."""
+    examples: list[Example] = []
+    seen: set[str] = set()
+    for i, row in enumerate(table):
+        where = f"row {i + 1}"
+        question = row.get("question")
+        if not isinstance(question, str) or not question.strip():
+            raise CficError(f"{where}: 'question' must be a non-empty string")
+        raw_id = row.get("id")
+        if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int, type(None))) or raw_id == "":
+            raise CficError(f"{where}: 'id' must be a non-empty string or an integer")
+        example_id = str(i + 1) if raw_id is None else str(raw_id)
+        if example_id in seen:
+            raise CficError(f"{where}: id {example_id!r} appears twice")
+        seen.add(example_id)
+        texts = _texts(row, where)
+        answerable = _answerable(row, where)
+        gold = _gold(row, texts, where)
+        if not answerable and gold:
+            raise CficError(f"{where}: an unanswerable question cannot have gold evidence")
+        digest = hashlib.sha256("\0".join(texts).encode()).hexdigest()[:16]
+        examples.append(Example(id=example_id, question=question.strip(), answers=_answers(row, where),
+                                documents=texts, gold=gold, answerable=answerable, doc_key=f"generic:{digest}"))
+    if not examples:
+        raise CficError("the data file has no rows")
+    return examples
