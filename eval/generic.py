@@ -11,14 +11,19 @@ name). One row per question:
 - ``gold`` (optional) — the gold evidence as character spans, a list of ``{"document": i, "start": a, "end": b}``
   (``document`` defaults to 0) with ``documents[i][a:b]`` the evidence; sentence precision/recall/F1 need it;
 - ``answerable`` (bool, optional) — ``false`` marks a question the documents do not answer (no-evidence accuracy
-  is reported when any row has it); default ``true``.
+  is reported when any row is unanswerable). Default: answerable when the row has answers or gold spans, else
+  unanswerable — the SQuAD 2.0 convention, where an unanswerable question is one with an empty answer list. Give
+  ``answerable: true`` explicitly for a question whose answer you did not label.
 
-Rows that share the same documents share their encoding during the run (the first row's document text decides).
+Rows with identical documents get the same ``doc_key`` and are evaluated one after the other (in the order their
+document set first appears, rows in file order within it): the runner keeps one prepared document set per method,
+so this is what lets such rows share one encoding, and what makes the per-question share of its cost correct.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -78,17 +83,17 @@ def _gold(row: Mapping[str, Any], texts: tuple[str, ...], where: str) -> tuple[I
     return tuple(out)
 
 
-def _answerable(row: Mapping[str, Any], where: str) -> bool:
+def _answerable(row: Mapping[str, Any], where: str, *, labelled: bool) -> bool:
     value = row.get("answerable")
     if value is None:
-        return True
+        return labelled
     if not isinstance(value, bool):
         raise CficError(f"{where}: 'answerable' must be true or false")
     return value
 
 
 def examples_from_table(table: Iterable[Mapping[str, Any]]) -> list[Example]:
-    """Validated :class:`Example` objects, one per row, in row order."""
+    """Validated :class:`Example` objects, one per row, grouped by their documents (see the module docstring)."""
     examples: list[Example] = []
     seen: set[str] = set()
     for i, row in enumerate(table):
@@ -104,13 +109,14 @@ def examples_from_table(table: Iterable[Mapping[str, Any]]) -> list[Example]:
             raise CficError(f"{where}: id {example_id!r} appears twice")
         seen.add(example_id)
         texts = _texts(row, where)
-        answerable = _answerable(row, where)
-        gold = _gold(row, texts, where)
+        answers, gold = _answers(row, where), _gold(row, texts, where)
+        answerable = _answerable(row, where, labelled=bool(answers or gold))
         if not answerable and gold:
             raise CficError(f"{where}: an unanswerable question cannot have gold evidence")
-        digest = hashlib.sha256("\0".join(texts).encode()).hexdigest()[:16]
-        examples.append(Example(id=example_id, question=question.strip(), answers=_answers(row, where),
-                                documents=texts, gold=gold, answerable=answerable, doc_key=f"generic:{digest}"))
+        digest = hashlib.sha256(json.dumps(texts).encode()).hexdigest()[:16]
+        examples.append(Example(id=example_id, question=question.strip(), answers=answers, documents=texts,
+                                gold=gold, answerable=answerable, doc_key=f"generic:{digest}"))
     if not examples:
         raise CficError("the data file has no rows")
-    return examples
+    first_seen = {key: n for n, key in reversed(list(enumerate(e.doc_key for e in examples)))}
+    return sorted(examples, key=lambda e: first_seen[e.doc_key])  # stable: file order within a document set

@@ -38,6 +38,18 @@ def comparable(record: dict) -> dict:
     return {k: v for k, v in record.items() if k != "usage"}
 
 
+def up_to_rounding(value):
+    """``value`` with every float compared approximately: a Ray actor runs torch with its own thread count (1 per
+    replica), the driver with the machine's, and a different reduction order moves scores in the 7th digit."""
+    if isinstance(value, float):
+        return pytest.approx(value, rel=1e-4, abs=1e-12)
+    if isinstance(value, dict):
+        return {k: up_to_rounding(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [up_to_rounding(v) for v in value]
+    return value
+
+
 def read(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -118,7 +130,8 @@ def test_cfic_batch_killed_mid_run_resumes_without_losing_or_repeating_rows(tmp_
     out = tmp_path / "out.jsonl"
     cmd = [sys.executable, "-m", "cfic.cli", "batch", str(source), "--out", str(out), "--model", str(tiny_model_folder),
            "--no-adapter", "--dtype", "float32", "--top-k", "2", "--max-span-tokens", "24", "--quiet"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # the datasets cache of the loaded question file stays in tmp_path (not a new entry in ~/.cache per test run)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf-datasets")}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
@@ -132,7 +145,8 @@ def test_cfic_batch_killed_mid_run_resumes_without_losing_or_repeating_rows(tmp_
     assert 3 <= written_before < len(rows)
     res = subprocess.run(cmd, env=env, capture_output=True, timeout=600)
     assert res.returncode == 0, res.stderr.decode()[-2000:]
-    assert "already done" in res.stdout.decode()
+    # every complete line was kept (a line cut short by the kill has no newline), and only the rest was grounded
+    assert f"{len(rows) - written_before} written, {written_before} already done" in res.stdout.decode()
     ids = [r["id"] for r in read(out)]
     assert sorted(ids) == sorted(r["id"] for r in rows)  # nothing lost, nothing twice
 
@@ -150,4 +164,4 @@ def test_ray_local_gives_the_same_output_as_in_process(tmp_path, settings):
     assert counts["written"] == len(rows)
     by_id = {r["id"]: comparable(r) for r in read(on_ray)}
     assert len(by_id) == len(rows)
-    assert by_id == {r["id"]: comparable(r) for r in read(local)}
+    assert by_id == {r["id"]: up_to_rounding(comparable(r)) for r in read(local)}  # same spans, same texts

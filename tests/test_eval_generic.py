@@ -3,6 +3,7 @@ and `cfic evaluate --dataset generic` end to end on a file the test writes."""
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import pytest
@@ -44,13 +45,15 @@ def test_each_file_kind_gives_the_same_rows(tmp_path):
     rows = [{"question": "Where?", "document": PARIS, "answers": ["Paris"]},
             {"question": "What?", "document": TOKYO, "answers": ["Japan"]}]
     jsonl = write_jsonl(tmp_path / "q.jsonl", rows)
+    gzipped = tmp_path / "q.jsonl.gz"
+    gzipped.write_bytes(gzip.compress(jsonl.read_bytes()))
     csv = tmp_path / "q.csv"
     datasets.Dataset.from_list([{**r, "answers": r["answers"][0]} for r in rows]).to_csv(str(csv))
     parquet = tmp_path / "q.parquet"
     datasets.Dataset.from_list(rows).to_parquet(str(parquet))
     saved = tmp_path / "saved"
     datasets.Dataset.from_list(rows).save_to_disk(str(saved))
-    for source in (jsonl, csv, parquet, saved):
+    for source in (jsonl, gzipped, csv, parquet, saved):
         got = [(r["question"], r["document"]) for r in load_table(source)]
         assert got == [(r["question"], r["document"]) for r in rows], source
     # a CSV cell holds one answer as a string: the schema accepts it as a one-answer list
@@ -79,6 +82,17 @@ def test_the_generic_schema_becomes_examples(tmp_path):
     assert PARIS[32:53] == "It lies on the Seine."
     assert q1.answerable and not q3.answerable and q3.gold == ()
     assert q1.doc_key == q2.doc_key != q3.doc_key  # same documents: one encoding for both questions
+
+
+def test_answerable_defaults_to_having_answers_or_gold_and_rows_are_grouped_by_documents():
+    rows = [{"id": "a", "question": "Q1?", "document": PARIS, "answers": ["Paris"]},
+            {"id": "b", "question": "Q2?", "document": TOKYO, "answers": []},  # SQuAD 2.0 style: unanswerable
+            {"id": "c", "question": "Q3?", "document": PARIS, "gold": [{"start": 0, "end": 31}]},
+            {"id": "d", "question": "Q4?", "document": TOKYO, "answerable": True}]  # unlabelled but answerable
+    examples = examples_from_table(rows)
+    # the two PARIS rows first, then the two TOKYO rows: each document set is prepared once in a run
+    assert [(e.id, e.answerable) for e in examples] == [("a", True), ("c", True), ("b", False), ("d", True)]
+    assert examples[0].doc_key == examples[1].doc_key != examples[2].doc_key == examples[3].doc_key
 
 
 @pytest.mark.parametrize(("row", "message"), [
