@@ -58,37 +58,24 @@ class BatchSettings:
 
 
 def _documents_of(row: Mapping[str, Any], where: str) -> tuple[Mapping[str, str], ...] | None:
-    has_many, has_one = row.get("documents") is not None, row.get("document") is not None
-    if has_many and has_one:
-        raise CficError(f"{where}: give 'documents' or 'document', not both")
-    if has_one:
-        texts = [row["document"]]
-    elif has_many:
-        texts = row["documents"]
-        if isinstance(texts, str):
-            raise CficError(f"{where}: 'documents' must be a list of strings (use 'document' for one)")
-        texts = list(texts)
-    else:
-        return None
-    if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
-        raise CficError(f"{where}: documents must be non-empty strings")
-    return tuple({"id": f"doc{i}", "text": t} for i, t in enumerate(texts))
+    from cfic.eval.tables import row_texts
+
+    texts = row_texts(row, where)
+    return None if texts is None else tuple({"id": f"doc{i}", "text": t} for i, t in enumerate(texts))
 
 
 def rows_from_table(table: Iterable[Mapping[str, Any]], search: Callable[[str], list[Mapping[str, str]]] | None = None
                     ) -> list[BatchRow]:
     """Validate the input rows; documents come from each row, or from ``search(question)`` when the row has none."""
+    from cfic.eval.tables import row_id as row_id_of
+    from cfic.eval.tables import row_question
+
     rows: list[BatchRow] = []
     seen: set[str] = set()
     for i, row in enumerate(table):
         where = f"row {i + 1}"
-        question = row.get("question")
-        if not isinstance(question, str) or not question.strip():
-            raise CficError(f"{where}: 'question' must be a non-empty string")
-        raw_id = row.get("id")
-        row_id = str(i) if raw_id is None else str(raw_id)
-        if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int, type(None))) or not row_id:
-            raise CficError(f"{where}: 'id' must be a non-empty string or an integer")
+        question = row_question(row, where)
+        row_id = row_id_of(row, where, default=str(i))
         if row_id in seen:
             raise CficError(f"{where}: id {row_id!r} appears twice (ids say which rows are done when resuming)")
         seen.add(row_id)

@@ -30,21 +30,13 @@ from typing import Any
 from cfic.errors import CficError
 from cfic.eval.datasets import Example
 from cfic.eval.metrics import Interval
+from cfic.eval.tables import row_id, row_question, row_texts
 
 
 def _texts(row: Mapping[str, Any], where: str) -> tuple[str, ...]:
-    many, one = row.get("documents"), row.get("document")
-    if many is not None and one is not None:
-        raise CficError(f"{where}: give 'documents' or 'document', not both")
-    if one is not None:
-        many = [one]
-    if many is None:
+    texts = row_texts(row, where)
+    if texts is None:
         raise CficError(f"{where}: needs 'documents' (a list of strings) or 'document' (a string)")
-    if isinstance(many, str) or not isinstance(many, Iterable):
-        raise CficError(f"{where}: 'documents' must be a list of strings (use 'document' for one)")
-    texts = tuple(many)
-    if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
-        raise CficError(f"{where}: documents must be non-empty strings")
     return texts
 
 
@@ -98,13 +90,8 @@ def examples_from_table(table: Iterable[Mapping[str, Any]]) -> list[Example]:
     seen: set[str] = set()
     for i, row in enumerate(table):
         where = f"row {i + 1}"
-        question = row.get("question")
-        if not isinstance(question, str) or not question.strip():
-            raise CficError(f"{where}: 'question' must be a non-empty string")
-        raw_id = row.get("id")
-        if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int, type(None))) or raw_id == "":
-            raise CficError(f"{where}: 'id' must be a non-empty string or an integer")
-        example_id = str(i + 1) if raw_id is None else str(raw_id)
+        question = row_question(row, where)
+        example_id = row_id(row, where, default=str(i + 1))
         if example_id in seen:
             raise CficError(f"{where}: id {example_id!r} appears twice")
         seen.add(example_id)

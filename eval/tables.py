@@ -9,6 +9,7 @@ when a table is loaded, so commands that never read one start without it.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -102,3 +103,40 @@ def _load_from_hub(name: str, split: str | None) -> Any:
                         "local .jsonl/.csv/.parquet files and saved dataset folders work offline") from exc
     except ValueError as exc:  # e.g. an unknown split
         raise CficError(f"{name!r}: {exc}") from exc
+
+
+# ---------------------------------------------------------------------------------------------------- row fields
+# The fields every question table shares (``cfic batch`` rows, generic evaluation rows), checked one way.
+
+
+def row_question(row: Mapping[str, Any], where: str) -> str:
+    question = row.get("question")
+    if not isinstance(question, str) or not question.strip():
+        raise CficError(f"{where}: 'question' must be a non-empty string")
+    return question
+
+
+def row_id(row: Mapping[str, Any], where: str, default: str) -> str:
+    """The row's ``id`` as a string (``default`` when absent); ids name rows in outputs, so only strings and
+    integers are taken."""
+    raw_id = row.get("id")
+    if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int, type(None))) or raw_id == "":
+        raise CficError(f"{where}: 'id' must be a non-empty string or an integer")
+    return default if raw_id is None else str(raw_id)
+
+
+def row_texts(row: Mapping[str, Any], where: str) -> tuple[str, ...] | None:
+    """The row's ``documents`` (list) or ``document`` (one string); ``None`` when it has neither."""
+    many, one = row.get("documents"), row.get("document")
+    if many is not None and one is not None:
+        raise CficError(f"{where}: give 'documents' or 'document', not both")
+    if one is not None:
+        many = [one]
+    if many is None:
+        return None
+    if isinstance(many, str) or not isinstance(many, Iterable):
+        raise CficError(f"{where}: 'documents' must be a list of strings (use 'document' for one)")
+    texts = tuple(many)
+    if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+        raise CficError(f"{where}: documents must be non-empty strings")
+    return texts
