@@ -28,6 +28,7 @@ tombstones pass a quarter of the index (or on ``compact()``).
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import hashlib
 import json
@@ -117,9 +118,12 @@ class Hit:
 
 @dataclass(frozen=True)
 class AddReport:
+    """What an ``add`` did. ``unchanged``: ids left out by ``skip_unchanged`` (already indexed as given)."""
+
     added: list[str]
     replaced: list[str]
     passages: int
+    unchanged: list[str] = field(default_factory=list)
 
 
 def _as_document(item: Any) -> Document:
@@ -245,8 +249,9 @@ class CorpusIndex:
     """A folder holding a faiss index of document passages plus the documents themselves.
 
     Create with :meth:`create`, open with :meth:`open` (or :meth:`open_or_create`). Every mutating call (``add``,
-    ``remove``, ``compact``) is one atomic save. The embedding model is loaded only when something must be
-    embedded (``add`` without ``embeddings``, ``search`` with a text query), so ``info``/``remove`` stay fast.
+    ``remove``, ``compact``) is one atomic save (``add`` with ``commit_every``: one per chunk). The embedding model
+    is loaded only when something must be embedded (``add`` without ``embeddings``, ``search`` with a text query),
+    so ``info``/``remove`` stay fast.
     """
 
     def __init__(self, path: Path, manifest: dict[str, Any], embedder: Embedder | None, device: str | None):
@@ -518,12 +523,24 @@ class CorpusIndex:
         *,
         embeddings: np.ndarray | None = None,
         progress: bool = False,
+        commit_every: int | None = None,
+        skip_unchanged: bool = False,
     ) -> AddReport:
-        """Add documents; a document whose id is already indexed is replaced. One atomic save.
+        """Add documents; a document whose id is already indexed is replaced. One atomic save by default.
 
         ``embeddings`` (shape ``(n_documents, dimension)``) skips the model: each document then gets exactly that
-        one vector (normalised here). ``progress`` shows a bar while embedding.
+        one vector (normalised here). ``progress`` shows a bar (passages embedded, rate, time left) while embedding.
+
+        ``commit_every``: embed and save that many documents at a time, each save atomic on its own, so a kill or a
+        failure part-way through a large add keeps every chunk saved before it (embedding 100k documents on a CPU
+        takes the better part of an hour; one save at the end would lose all of it). Each save rewrites the faiss
+        file, so chunks should be thousands of documents, not tens. ``skip_unchanged`` leaves out documents that
+        are already indexed under the same id with the same text and metadata (``AddReport.unchanged``): running
+        an interrupted add again then embeds only what it had not saved.
         """
+        if commit_every is not None and (not isinstance(commit_every, int) or isinstance(commit_every, bool)
+                                         or commit_every < 1):
+            raise CficError(f"commit_every must be a positive integer or None, got {commit_every!r}")
         docs: dict[str, tuple[Document, int]] = {}
         n_items = 0
         for row, item in enumerate(documents):
@@ -535,15 +552,78 @@ class CorpusIndex:
                 raise CficError(f"document {doc.id!r}: metadata is not JSON-serialisable: {exc}") from exc
             docs.pop(doc.id, None)  # the last occurrence of an id wins, as a later add would
             docs[doc.id] = (doc, row)
+        vectors: np.ndarray | None = None
         if embeddings is not None:
             embeddings = np.asarray(embeddings, dtype=np.float32)
             if embeddings.ndim != 2 or len(embeddings) != n_items:
                 raise CficError("embeddings must be a 2-d array with one row per document")
-            embeddings = embeddings[[r for _, r in docs.values()]]
-        if not docs:
-            return AddReport([], [], 0)
+            vectors = self._normalised(embeddings[[r for _, r in docs.values()]])
         doc_list = [d for d, _ in docs.values()]
-        spans, owners, vectors = self._embed_documents(doc_list, embeddings, progress)
+        unchanged: list[str] = []
+        if skip_unchanged and doc_list:
+            same = self._unchanged_ids(doc_list)
+            if same:
+                keep = [i for i, d in enumerate(doc_list) if d.id not in same]
+                unchanged = [d.id for d in doc_list if d.id in same]
+                doc_list = [doc_list[i] for i in keep]
+                vectors = vectors[keep] if vectors is not None else None
+        if not doc_list:
+            return AddReport([], [], 0, unchanged)
+        if vectors is None:
+            spans, owners, texts = self._split_documents(doc_list)
+        else:
+            spans, owners, texts = [(0, len(d.text)) for d in doc_list], list(range(len(doc_list))), []
+        bar = None
+        if progress and vectors is None:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(texts), unit="passage", desc="embedding", leave=False, disable=None)
+        step = commit_every or len(doc_list)
+        added: list[str] = []
+        replaced: list[str] = []
+        saved = 0
+        try:
+            for lo in range(0, len(doc_list), step):
+                hi = min(lo + step, len(doc_list))
+                # owners is non-decreasing: the passages of documents lo..hi-1 are one slice.
+                a, b = bisect.bisect_left(owners, lo), bisect.bisect_left(owners, hi)
+                chunk_vectors = (vectors[lo:hi] if vectors is not None
+                                 else self.embedder.embed(texts[a:b], progress=bar))
+                existing = self._save_documents(doc_list[lo:hi], spans[a:b], [o - lo for o in owners[a:b]],
+                                                chunk_vectors)
+                added += [d.id for d in doc_list[lo:hi] if d.id not in existing]
+                replaced += sorted(existing)
+                saved = hi
+        except BaseException as exc:
+            if saved:
+                exc.add_note(f"{saved} of {len(doc_list)} documents were saved before this")
+                exc.add_note("adding the same documents again with skip_unchanged=True adds only the rest")
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return AddReport(added, sorted(replaced), len(owners), unchanged)
+
+    def _unchanged_ids(self, docs: list[Document]) -> set[str]:
+        """Ids of ``docs`` already stored with the same text and metadata."""
+        wanted = {d.id: d for d in docs}
+        same: set[str] = set()
+        with self._lock:
+            db = self._db()
+            for chunk in _chunks(list(wanted), _SQL_CHUNK):
+                marks = ",".join("?" * len(chunk))
+                for doc_id, text, meta in db.execute(
+                    f"SELECT id, text, metadata FROM documents WHERE id IN ({marks})", chunk
+                ):
+                    doc = wanted[doc_id]
+                    if text == doc.text and json.loads(meta) == doc.metadata:
+                        same.add(doc_id)
+        return same
+
+    def _save_documents(self, doc_list: list[Document], spans: list[tuple[int, int]], owners: list[int],
+                        vectors: np.ndarray) -> set[str]:
+        """One atomic save of ``doc_list`` with its passages (``owners`` index ``doc_list``); returns the ids that
+        replaced documents already indexed."""
         with self._lock, self._file_lock(shared=False):
             self._refresh()
             db = self._db()
@@ -577,8 +657,7 @@ class CorpusIndex:
                     self._faiss.add_with_ids(vectors, vids)
 
             self._commit(mutate, write)
-        replaced = sorted(existing)
-        return AddReport([d.id for d in doc_list if d.id not in existing], replaced, len(owners))
+        return existing
 
     def remove(self, ids: Iterable[str]) -> list[str]:
         """Remove documents by id; returns the ids that were present (unknown ids are ignored)."""
@@ -852,19 +931,18 @@ class CorpusIndex:
             with contextlib.suppress(OSError):
                 p.unlink()
 
-    def _embed_documents(
-        self, docs: list[Document], embeddings: np.ndarray | None, progress: bool
-    ) -> tuple[list[tuple[int, int]], list[int], np.ndarray]:
-        """Passages (spans), their owner document positions, and their unit vectors."""
-        if embeddings is not None:
-            vectors = np.asarray(embeddings, dtype=np.float32)
-            if vectors.ndim != 2 or vectors.shape[1] != self.dimension:
-                raise CficError(f"embeddings must have shape (n, {self.dimension}), got {vectors.shape}")
-            norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-            if not np.all(np.isfinite(norms)) or np.any(norms == 0):
-                raise CficError("embeddings must be finite and non-zero")
-            return ([(0, len(d.text)) for d in docs], list(range(len(docs))),
-                    np.ascontiguousarray(vectors / norms, dtype=np.float32))
+    def _normalised(self, embeddings: np.ndarray) -> np.ndarray:
+        """Caller-given vectors as unit float32 rows, refused when they cannot be (wrong shape, zero, NaN)."""
+        vectors = np.asarray(embeddings, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[1] != self.dimension:
+            raise CficError(f"embeddings must have shape (n, {self.dimension}), got {vectors.shape}")
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        if not np.all(np.isfinite(norms)) or np.any(norms == 0):
+            raise CficError("embeddings must be finite and non-zero")
+        return np.ascontiguousarray(vectors / norms, dtype=np.float32)
+
+    def _split_documents(self, docs: list[Document]) -> tuple[list[tuple[int, int]], list[int], list[str]]:
+        """Passages of ``docs``: their spans, owner document positions (non-decreasing) and texts."""
         embedder = self.embedder
         budget = min(int(self.manifest.get("passage_tokens", 128)), embedder.max_tokens)
         spans: list[tuple[int, int]] = []
@@ -875,17 +953,7 @@ class CorpusIndex:
                 spans.append((a, b))
                 owners.append(i)
                 texts.append(doc.text[a:b])
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(texts), unit="passage", desc="embedding", leave=False, disable=None)
-        try:
-            vectors = embedder.embed(texts, progress=bar)
-        finally:
-            if bar is not None:
-                bar.close()
-        return spans, owners, vectors
+        return spans, owners, texts
 
 
 def _search_one(index: Any, vector: np.ndarray, k: int, params: Any) -> tuple[np.ndarray, np.ndarray]:

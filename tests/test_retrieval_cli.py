@@ -127,3 +127,39 @@ def test_help_lists_the_four_commands():
     assert result.exit_code == 0
     for command in ("add", "search", "info", "remove"):
         assert command in result.stdout
+
+
+def test_add_in_chunks_then_skip_unchanged(tmp_path, docs):
+    index = tmp_path / "idx"
+    result = invoke("add", "--index", index, docs, "--commit-every", "1")
+    assert result.exit_code == 0, result.output
+    assert "added 4, replaced 0 document(s)" in result.stdout
+    assert json.loads(invoke("info", "--index", index, "--json").stdout)["generation"] == 4  # a save per document
+    (docs / "normans.txt").write_text("Volcanoes erupt molten lava and ash.\n")
+    again = invoke("add", "--index", index, docs, "--skip-unchanged", "--commit-every", "0")
+    assert again.exit_code == 0, again.output
+    assert "added 0, replaced 1, 3 unchanged document(s) (1 passages)" in again.stdout
+    assert search_ids(index, "lava eruption", k=1) == ["normans.txt"]
+
+
+def test_an_interrupted_chunked_add_says_what_it_kept(tmp_path, docs, monkeypatch):
+    from cfic.retrieval.embedder import get_embedder
+
+    embedder = get_embedder()
+    real_embed = embedder.embed
+    calls: list[int] = []
+
+    def failing(texts, *, progress=None):
+        calls.append(len(texts))
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+        return real_embed(texts, progress=progress)
+
+    monkeypatch.setattr(embedder, "embed", failing)
+    index = tmp_path / "idx"
+    result = invoke("add", "--index", index, docs, "--commit-every", "2")
+    assert isinstance(result.exception, RuntimeError)
+    assert "2 of 4 documents were saved before this; run the same command with --skip-unchanged" in result.stderr
+    monkeypatch.undo()
+    resumed = invoke("add", "--index", index, docs, "--skip-unchanged")
+    assert "added 2, replaced 0, 2 unchanged document(s)" in resumed.stdout

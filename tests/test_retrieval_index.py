@@ -327,3 +327,63 @@ def test_every_index_file_gets_the_same_documented_mode(index):
     modes = {p.name: p.stat().st_mode & 0o777 for p in index.path.iterdir() if p.is_file()}
     assert len(modes) >= 3
     assert set(modes.values()) == {FILE_MODE & ~_umask()}, modes
+
+
+def test_add_in_chunks_saves_each_chunk_and_finds_the_same(tmp_path, embedder, index):
+    chunked = CorpusIndex.create(tmp_path / "chunked", embedder=embedder)
+    report = chunked.add(CORPUS, commit_every=3)
+    assert report.added == [d["id"] for d in CORPUS] and report.replaced == [] and report.passages == len(CORPUS)
+    assert chunked.info()["generation"] == 2  # two saves: 3 documents, then 1
+    for query in ("Who invaded England?", "volcano ash", "programming language"):
+        assert [h.id for h in chunked.search(query, k=4)] == [h.id for h in index.search(query, k=4)]
+    with pytest.raises(CficError, match="commit_every"):
+        chunked.add(CORPUS, commit_every=0)
+
+
+def test_precomputed_embeddings_in_chunks_keep_their_documents(tmp_path):
+    rng = np.random.default_rng(1)
+    vectors = rng.normal(size=(10, 16)).astype(np.float32)
+    idx = CorpusIndex.create(tmp_path / "vec", dimension=16, kind="hnsw")
+    idx.add([{"id": f"d{i}", "text": f"document {i}"} for i in range(10)], embeddings=vectors, commit_every=4)
+    assert idx.info()["generation"] == 3 and len(idx) == 10
+    assert [idx.search(v, k=1)[0].id for v in vectors] == [f"d{i}" for i in range(10)]
+
+
+def test_an_interrupted_chunked_add_keeps_its_saved_chunks_and_resumes(tmp_path, embedder, monkeypatch):
+    idx = CorpusIndex.create(tmp_path / "resume", embedder=embedder)
+    embedded: list[str] = []
+    real_embed = embedder.embed
+
+    def embed(texts, *, progress=None):
+        if embedded:  # the second chunk: as if the process were killed while embedding it
+            raise KeyboardInterrupt
+        embedded.extend(texts)
+        return real_embed(texts, progress=progress)
+
+    monkeypatch.setattr(embedder, "embed", embed)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        idx.add(CORPUS, commit_every=2)
+    assert any("2 of 4 documents were saved" in note for note in caught.value.__notes__)
+    assert sorted(idx.ids()) == sorted(d["id"] for d in CORPUS[:2])
+    monkeypatch.undo()
+
+    embedded.clear()
+    monkeypatch.setattr(embedder, "embed", lambda texts, *, progress=None: embedded.extend(texts) or
+                        real_embed(texts, progress=progress))
+    report = idx.add(CORPUS, commit_every=2, skip_unchanged=True)
+    assert report.unchanged == ["normans", "cats"] and report.added == ["python", "volcano"]
+    assert embedded == [d["text"] for d in CORPUS[2:]]  # only what the interrupted add had not saved
+    assert sorted(idx.ids()) == sorted(d["id"] for d in CORPUS)
+    assert idx.search("Pompeii", k=1)[0].id == "volcano"
+
+
+def test_skip_unchanged_still_replaces_changed_text_or_metadata(index):
+    changed = [dict(d) for d in CORPUS]
+    changed[1]["text"] = "Dogs bark at the postman every morning."
+    changed[2]["metadata"] = {"topic": "software"}
+    report = index.add(changed, skip_unchanged=True)
+    assert report.unchanged == ["normans", "volcano"] and report.replaced == ["cats", "python"]
+    assert report.added == [] and report.passages == 2
+    assert index.get("python").metadata == {"topic": "software"}
+    assert index.search("a barking dog", k=1)[0].id == "cats"
+    assert index.add(changed, skip_unchanged=True) == type(report)([], [], 0, [d["id"] for d in CORPUS])
