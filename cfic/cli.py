@@ -273,6 +273,9 @@ def _quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> None:
     _register_components()
     _quiet_libraries()
+    from cfic.config import bound_kernel_caches
+
+    bound_kernel_caches()
     usage_errors, exits, aborts = _framework_exceptions()
     try:
         rv = app(args=argv, prog_name="cfic", standalone_mode=False)

@@ -154,8 +154,8 @@ def test_the_span_budget_is_bounded_by_the_grounders_own_configuration(client, t
     ({"query": ""}, 422),
     ({"query": "q", "documents": []}, 422),
     ({"query": "q", "documents": [{"text": ""}]}, 422),
-    ({"query": "q", "documents": [{"text": "   \n "}]}, 422),  # rejected by the core (CficError)
-    ({"query": "   ", "documents": DOCS}, 422),  # rejected by the core (EmptyQueryError)
+    ({"query": "q", "documents": [{"text": "   \n "}]}, 422),
+    ({"query": "   ", "documents": DOCS}, 422),
     ({"query": "q", "documents": DOCS, "surprise": 1}, 422),
     ({"query": "q", "documents": [{"text": "t", "title": "x"}]}, 422),
     ({"query": "q", "documents": DOCS, "top_k": 0}, 422),
@@ -181,6 +181,15 @@ def test_bad_requests_get_4xx_json_with_a_message(client, payload, status):
     assert r.status_code == status, r.text
     body = r.json()
     assert body["error"] and body["message"] and body["request_id"] == r.headers["x-request-id"]
+
+
+def test_blank_query_or_text_is_refused_before_it_reaches_the_model(client):
+    before = client.get("/stats").json()
+    for payload in ({"query": " \n\t ", "documents": DOCS}, {"query": "q", "documents": [*DOCS, {"text": " \n "}]}):
+        r = client.post("/ground", json=payload)
+        assert r.status_code == 422 and "non-whitespace" in r.json()["message"], r.text
+    after = client.get("/stats").json()
+    assert after["processed"] == before["processed"] and after["cache"]["misses"] == before["cache"]["misses"]
 
 
 def test_malformed_json_and_lone_surrogates(client):
