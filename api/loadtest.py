@@ -429,8 +429,8 @@ class SoakRequests:
 
     Hits ask about a small pool of documents sent (and cached) before the soak; misses bring a new document.
     The bad inputs are valid requests about a pool document with one thing wrong, so that one reaching the model
-    would be cheap -- except ``whitespace_query``, which brings a new document: the query is only refused after the
-    document's prefill (the check is in the core), and the soak shows what that costs. ``expected`` is the API's
+    would be cheap -- except ``whitespace_query``, which brings a new document: it shows that a blank query is refused
+    by the schema before the document's prefill (its p50 is that of the other 422s). ``expected`` is the API's
     documented answer; a different 4xx (or a 503/504 for a bad input that reached the model queue) is allowed but
     shown."""
 

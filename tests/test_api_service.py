@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 
 from cfic.api.app import create_app
 from cfic.api.settings import ServiceSettings
-from cfic.errors import CficError, ModelLoadError
+from cfic.errors import CficError, EmptyDocumentError, ModelLoadError
 from cfic.grounder import Grounder
 
 DOCS = [
@@ -396,8 +396,19 @@ async def test_waiting_requests_are_micro_batched_and_share_a_new_documents_pref
     assert app.state.cache.stats().misses == 2  # doc 0 and doc 7, each looked up once
 
 
+class RefusesMarked(Gate):
+    """The core refuses a document (here: one holding ``UNREADABLE``) as it would a document it cannot plan: the
+    schema now catches the plain cases (blank text) before they reach the worker."""
+
+    def encode(self, documents, **kw):
+        for doc in documents:
+            if "UNREADABLE" in doc.text:
+                raise EmptyDocumentError(f"document {doc.id!r} is empty")
+        return super().encode(documents, **kw)
+
+
 async def test_one_bad_document_in_a_batch_fails_only_its_own_request(tiny_grounder):
-    gate = Gate(tiny_grounder)
+    gate = RefusesMarked(tiny_grounder)
     app = create_app(gate)
     worker = app.state.worker
     transport = httpx.ASGITransport(app=app)
@@ -406,7 +417,7 @@ async def test_one_bad_document_in_a_batch_fails_only_its_own_request(tiny_groun
         await asyncio.to_thread(gate.entered.wait, 20)
         # The bad request comes first and also holds the document the good one needs.
         bad = asyncio.create_task(c.post("/ground", json={"query": "q", "documents": [doc_about(1),
-                                                                                       {"text": " \t "}]}))
+                                                                                       {"text": "UNREADABLE"}]}))
         await wait_until(lambda: worker.queue_depth == 1)
         good = asyncio.create_task(c.post("/ground", json={"query": "q", "documents": [doc_about(1)]}))
         await wait_until(lambda: worker.queue_depth == 2)
