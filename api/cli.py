@@ -111,7 +111,7 @@ def serve_command(
     """Serve POST /ground (verbatim evidence), GET /healthz, /readyz, /docs. The server listens at once and loads
     the model in the background (/readyz: 503 "loading" until it is ready); a failed load stops it (exit 2)."""
     from cfic.api.settings import ServiceSettings, parse_size
-    from cfic.config import acceleration_options, bound_kernel_caches, resolve_swiftkv
+    from cfic.config import acceleration_options, bound_kernel_caches
 
     bound_kernel_caches()  # a server meets documents of every length: keep the kernel caches from growing
     from cfic.errors import CficError
@@ -159,7 +159,7 @@ def serve_command(
 
             grounder = Grounder.from_pretrained(model, device=device, dtype=dtype,
                                                 adapter=None if no_adapter else (adapter or "auto"),
-                                                swiftkv=resolve_swiftkv(swiftkv, model), **accel)
+                                                swiftkv=swiftkv, **accel)
         except BaseException as exc:
             failed(exc)
             raise

@@ -49,9 +49,9 @@ def build_configs(base, swiftkv_files: list[str], layer_skip: int, layers: list[
         configs.append(AccelConfig(f"swiftkv-l{layer}-zero", g, "swiftkv-zero", layer))
     notes = []
     files = list(swiftkv_files)
-    # the bundled file is looked up for the base model even when an adapter is merged: the fingerprint check then
-    # leaves it out with a note (it was distilled for the base weights), instead of it silently not being tried
-    bundled = bundled_swiftkv(loaded.name.split("+")[0])
+    # the file distilled for these weights (with the CFIC adapter merged: its own); else the base model's, which the
+    # fingerprint check then leaves out with a note instead of it silently not being tried
+    bundled = bundled_swiftkv(loaded.name) or bundled_swiftkv(loaded.name.split("+")[0])
     if bundled and bundled not in files:
         files.append(bundled)
     distilled = []

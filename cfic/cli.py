@@ -126,10 +126,8 @@ def ground(
     documents = [{"id": name, "text": text} for name, text in map(read_document, files)]
     if not query.strip():
         raise CficError("the query is empty")
-    from cfic.config import resolve_swiftkv
     from cfic.grounder import Grounder
 
-    swiftkv = resolve_swiftkv(swiftkv, model)
     options: dict = dict(accel) | span_budget_options(max_span_tokens)
     if no_prior:
         options |= {"prior": None, "abstention": None}

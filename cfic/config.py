@@ -143,20 +143,6 @@ def acceleration_options(swiftkv_layer: int | None = None, swiftkv_group: int | 
     return options, swiftkv
 
 
-def resolve_swiftkv(swiftkv: str | None, model: str | None) -> str | None:
-    """``"bundled"`` for the default model -> the shipped file itself, so that loading it next to a merged adapter
-    fails the weight-fingerprint check with a message saying why (instead of "no bundled parameters" for the
-    adapter-suffixed model name). Anything else is returned unchanged. (Imports torch: call it just before loading.)"""
-    if swiftkv != "bundled":
-        return swiftkv
-    from cfic.grounder import bundled_swiftkv
-    from cfic.models import DEFAULT_MODEL
-
-    if model is None or str(model) == DEFAULT_MODEL:
-        return bundled_swiftkv(DEFAULT_MODEL) or swiftkv
-    return swiftkv
-
-
 # oneDNN and ideep keep a compiled kernel (with its scratch buffers) for every tensor shape they meet, up to 1024 of
 # each by default. Every document has its own length, so a long-running process (``cfic serve``, ``batch``,
 # ``evaluate``) grew by ~3 MiB per new document until the soak test's memory bound failed (a 120 s soak: +380 MiB

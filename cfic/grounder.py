@@ -31,7 +31,8 @@ DocumentInput = str | dict[str, Any] | Document | DocumentEncoding
 
 
 def bundled_swiftkv(model_name: str) -> str | None:
-    """The distilled SwiftKV parameters shipped for ``model_name`` (``cfic/data/swiftkv-<name>.safetensors``)."""
+    """The distilled SwiftKV parameters shipped for ``model_name`` (``cfic/data/swiftkv-<name>.safetensors``; a
+    model with an adapter merged has its own name, e.g. ``smollm2-135m-instruct+cfic-lora``)."""
     from importlib import resources
 
     path = resources.files("cfic").joinpath(f"data/swiftkv-{model_name}.safetensors")
@@ -142,7 +143,11 @@ class Grounder:
         if isinstance(swiftkv, SwiftKV):
             params = swiftkv
         elif swiftkv is not None:
-            path = bundled_swiftkv(loaded.name.split("+")[0]) if str(swiftkv) == "bundled" else swiftkv
+            path = swiftkv
+            if str(swiftkv) == "bundled":
+                # The file distilled against exactly these weights (with the CFIC adapter merged: its own file); else
+                # the base model's, which the weight-fingerprint check then refuses with a message saying why.
+                path = bundled_swiftkv(loaded.name) or bundled_swiftkv(loaded.name.split("+")[0])
             if path is None:
                 raise CficError(f"no bundled SwiftKV parameters for {loaded.name}; pass a file from "
                                 "cfic distill-swiftkv")
