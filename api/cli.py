@@ -100,8 +100,9 @@ def serve_command(
     swiftkv_group: Annotated[int | None, typer.Option(
         "--swiftkv-group", help="AcrossKV: one K/V per group of this many SwiftKV layers.")] = None,
     swiftkv: Annotated[str | None, typer.Option(
-        "--swiftkv", help="Distilled SwiftKV parameters: a file from `cfic distill-swiftkv`, or 'bundled' "
-                          "(distilled for the default model without its adapter: use with --no-adapter).")] = None,
+        "--swiftkv", help="Distilled SwiftKV parameters: a file from `cfic distill-swiftkv`, or 'bundled' (the "
+                          "file shipped for the default model as loaded: with its CFIC adapter or with "
+                          "--no-adapter).")] = None,
     layer_skip: Annotated[int | None, typer.Option(
         "--layer-skip", help="SkipDecode: answer tokens skip up to this many lower layers (off by default).")]
     = None,
@@ -111,13 +112,11 @@ def serve_command(
     """Serve POST /ground (verbatim evidence), GET /healthz, /readyz, /docs. The server listens at once and loads
     the model in the background (/readyz: 503 "loading" until it is ready); a failed load stops it (exit 2)."""
     from cfic.api.settings import ServiceSettings, parse_size
-    from cfic.config import acceleration_options, bound_kernel_caches
-
-    bound_kernel_caches()  # a server meets documents of every length: keep the kernel caches from growing
+    from cfic.config import acceleration_options, adapter_choice, bound_kernel_caches
     from cfic.errors import CficError
 
-    if adapter and no_adapter:
-        raise CficError("--adapter and --no-adapter exclude each other")
+    bound_kernel_caches()  # a server meets documents of every length: keep the kernel caches from growing
+    adapter = adapter_choice(adapter, no_adapter)
     accel, swiftkv = acceleration_options(swiftkv_layer, swiftkv_group, swiftkv, layer_skip, layer_skip_warmup)
     level = log_level.lower()
     if level not in ("debug", "info", "warning", "error"):
@@ -134,7 +133,7 @@ def serve_command(
         log.warning("listening on %s without an API key: anyone who can reach this address can use the model",
                     host)
 
-    problem = _model_problem(model, None if no_adapter else adapter, index)
+    problem = _model_problem(model, adapter, index)
     if problem:
         raise CficError(problem)
 
@@ -158,7 +157,7 @@ def serve_command(
             from cfic.grounder import Grounder
 
             grounder = Grounder.from_pretrained(model, device=device, dtype=dtype,
-                                                adapter=None if no_adapter else (adapter or "auto"),
+                                                adapter=adapter,
                                                 swiftkv=swiftkv, **accel)
         except BaseException as exc:
             failed(exc)

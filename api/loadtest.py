@@ -37,6 +37,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from cfic.eval.metrics import percentile
+
 HOST = "127.0.0.1"  # loopback only, by construction
 
 _PLACES = ["Avalon", "Brightwater", "Caldera", "Dunmore", "Eastfield", "Falkirk", "Glenhaven", "Harrowgate",
@@ -121,14 +123,6 @@ def _proc_status(pid: int, key: str) -> float | None:
     return None
 
 
-def _percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    if len(values) == 1:
-        return values[0]
-    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
-
-
 async def _client_loop(client, stop_at: float, make_request, samples: list[Sample], backoff_s: float) -> None:
     import httpx
 
@@ -180,7 +174,7 @@ async def _run_phase(base_url: str, name: str, clients: int, seconds: float, mak
             report.other_errors[key] = report.other_errors.get(key, 0) + 1
     report.throughput_rps = round(len(ok) / elapsed, 2) if elapsed else 0.0
     latencies = sorted(s.latency_ms for s in ok)
-    p50, p95 = _percentile(latencies, 50), _percentile(latencies, 95)
+    p50, p95 = percentile(latencies, 50), percentile(latencies, 95)
     report.p50_ms = None if p50 is None else round(p50, 1)
     report.p95_ms = None if p95 is None else round(p95, 1)
     doc_tokens = sum(s.usage["input_tokens"] for s in ok)
@@ -700,7 +694,7 @@ async def _soak_clients(base_url: str, port: int, args: argparse.Namespace, requ
 
 def _latency(values: list[float]) -> dict:
     values = sorted(values)
-    p50, p95 = _percentile(values, 50), _percentile(values, 95)
+    p50, p95 = percentile(values, 50), percentile(values, 95)
     return {"p50_ms": None if p50 is None else round(p50, 1), "p95_ms": None if p95 is None else round(p95, 1)}
 
 

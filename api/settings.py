@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from cfic.errors import CficError
+from cfic.errors import CficError, require_positive_int
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {
@@ -93,9 +93,7 @@ class ServiceSettings:
     def __post_init__(self) -> None:
         for name in ("max_request_bytes", "max_documents", "max_document_chars", "max_total_chars",
                      "max_query_chars", "max_queue", "max_batch", "index_top_documents"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise CficError(f"{name} must be a positive integer, got {value!r}")
+            require_positive_int(name, getattr(self, name))
         if self.max_document_chars > self.max_total_chars:
             raise CficError(f"max_document_chars ({self.max_document_chars}) exceeds max_total_chars "
                             f"({self.max_total_chars}), the characters all documents of a request may have together: "

@@ -229,6 +229,7 @@ def bench_command(
 ) -> None:
     """Measure cold vs warm grounding, decoding overhead, dtypes and model load, and the accelerations (SwiftKV,
     AcrossKV, layer skipping) against the full model, side by side."""
+    from cfic.config import adapter_choice
     from cfic.errors import CficError
 
     names = [d.strip() for d in dtypes.split(",") if d.strip()]
@@ -239,9 +240,7 @@ def bench_command(
         raise CficError(f"--accel-dtype takes float32, bfloat16 or float16, got {accel_dtype!r}")
     if not core and not accel:
         raise CficError("--no-core and --no-accel leave nothing to measure")
-    if adapter and no_adapter:
-        raise CficError("--adapter and --no-adapter exclude each other")
-    adapter_arg = None if no_adapter else (adapter or "auto")
+    adapter_arg = adapter_choice(adapter, no_adapter)
     for path in swiftkv or []:
         if not Path(path).is_file():
             raise CficError(f"--swiftkv {path}: no such file")

@@ -39,8 +39,8 @@ def build_configs(base, swiftkv_files: list[str], layer_skip: int, layers: list[
                                                                                                  list[str]]:
     """The full model, zero-training SwiftKV at ``layers``, each distilled parameter file, and layer skipping (on
     the full model and on the first distilled file). Returns the configs and notes about what was left out."""
-    from cfic.decoding.swiftkv import SwiftKV
-    from cfic.grounder import Grounder, bundled_swiftkv
+    from cfic.errors import CficError
+    from cfic.grounder import Grounder, bundled_swiftkv, load_swiftkv
 
     loaded = base.loaded
     configs = [AccelConfig("full", base, "full")]
@@ -49,16 +49,15 @@ def build_configs(base, swiftkv_files: list[str], layer_skip: int, layers: list[
         configs.append(AccelConfig(f"swiftkv-l{layer}-zero", g, "swiftkv-zero", layer))
     notes = []
     files = list(swiftkv_files)
-    # the file distilled for these weights (with the CFIC adapter merged: its own); else the base model's, which the
-    # fingerprint check then leaves out with a note instead of it silently not being tried
-    bundled = bundled_swiftkv(loaded.name) or bundled_swiftkv(loaded.name.split("+")[0])
-    if bundled and bundled not in files:
-        files.append(bundled)
+    # "bundled": the file distilled for these weights (with the CFIC adapter merged: its own); else the base model's,
+    # which the fingerprint check then leaves out with a note instead of it silently not being tried
+    if (bundled_swiftkv(loaded.name) or bundled_swiftkv(loaded.name.split("+")[0])) and "bundled" not in files:
+        files.append("bundled")
     distilled = []
     for path in files:
         try:
-            sw = SwiftKV.load(path, loaded.model)
-        except ValueError as exc:
+            sw = load_swiftkv(loaded, path)
+        except CficError as exc:
             notes.append(f"distilled parameters left out: {exc}")
             continue
         g = Grounder(loaded, base.config, sw)

@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Annotated
 
 import click
 import typer
 
+from cfic.config import adapter_choice
 from cfic.errors import CficError, DocumentReadError
 
 app = typer.Typer(
@@ -39,8 +39,8 @@ SwiftKVLayerOpt = Annotated[int | None, typer.Option(
 SwiftKVGroupOpt = Annotated[int | None, typer.Option(
     "--swiftkv-group", help="AcrossKV: one K/V per group of this many SwiftKV layers (less KV memory per token).")]
 SwiftKVOpt = Annotated[str | None, typer.Option(
-    "--swiftkv", help="Distilled SwiftKV parameters: a file from `cfic distill-swiftkv`, or 'bundled' (distilled "
-                      "for the default model without its adapter: use with --no-adapter).")]
+    "--swiftkv", help="Distilled SwiftKV parameters: a file from `cfic distill-swiftkv`, or 'bundled' (the file "
+                      "shipped for the default model as loaded: with its CFIC adapter or with --no-adapter).")]
 LayerSkipOpt = Annotated[int | None, typer.Option(
     "--layer-skip", help="SkipDecode: answer tokens skip up to this many lower layers (0: off).")]
 LayerSkipWarmupOpt = Annotated[int | None, typer.Option(
@@ -52,15 +52,6 @@ ThresholdOpt = Annotated[float | None, typer.Option("--threshold", min=0.0, max=
                                                     help="Drop spans scoring below this (0..1).")]
 
 
-def adapter_choice(adapter: str | None, no_adapter: bool) -> str | None:
-    """What ``load_model(adapter=...)`` gets from the two CLI flags."""
-    if no_adapter and adapter:
-        raise CficError("--adapter and --no-adapter exclude each other")
-    if no_adapter:
-        return None
-    return adapter or "auto"
-
-
 def span_budget_options(max_span_tokens: int | None) -> dict[str, int]:
     """``--max-span-tokens`` as ``Grounder.from_pretrained`` keywords (a sentence may not exceed the span budget)."""
     if max_span_tokens is None:
@@ -70,26 +61,12 @@ def span_budget_options(max_span_tokens: int | None) -> dict[str, int]:
 
 def read_document(path: str) -> tuple[str, str]:
     """Return (document id, text) for a path or ``-`` (stdin); bad files raise DocumentReadError."""
+    from cfic.text import decode_text, read_text_file
+
     if path == "-":
-        data = sys.stdin.buffer.read()
-        name = "<stdin>"
+        name, text = "<stdin>", decode_text(sys.stdin.buffer.read(), "<stdin>")
     else:
-        p = Path(path)
-        if not p.exists():
-            raise DocumentReadError(f"{path}: no such file")
-        if p.is_dir():
-            raise DocumentReadError(f"{path}: is a directory")
-        try:
-            data = p.read_bytes()
-        except OSError as exc:
-            raise DocumentReadError(f"{path}: cannot read ({exc.strerror})") from exc
-        name = path
-    if b"\x00" in data[:8192]:
-        raise DocumentReadError(f"{name}: looks like a binary file")
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise DocumentReadError(f"{name}: not valid UTF-8 (byte {exc.start})") from exc
+        name, text = path, read_text_file(path)
     if not text.strip():
         raise DocumentReadError(f"{name}: empty or whitespace-only document")
     return name, text

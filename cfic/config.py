@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 
-from cfic.errors import CficError
+from cfic.errors import CficError, require_positive_int
 from cfic.prior import Abstention, PriorWeights
 
 DEFAULT_INSTRUCTION = (
@@ -67,20 +67,16 @@ class GroundingConfig:
         positive = ("top_k", "max_span_tokens", "max_sentence_tokens", "max_query_tokens", "max_prefix_tokens",
                     "encode_batch_tokens")
         for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise CficError(f"{name} must be a positive integer, got {value!r}")
+            require_positive_int(name, getattr(self, name))
         if self.max_sentence_tokens > self.max_span_tokens:
             raise CficError("max_sentence_tokens must not exceed max_span_tokens")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise CficError(f"threshold must lie in [0, 1], got {self.threshold!r}")
         if self.window_overlap_tokens is not None and self.window_overlap_tokens < 0:
             raise CficError("window_overlap_tokens must be >= 0")
-        layer = self.swiftkv_layer
-        if layer is not None and (not isinstance(layer, int) or isinstance(layer, bool) or layer < 1):
-            raise CficError(f"swiftkv_layer must be a positive integer, got {self.swiftkv_layer!r}")
-        if not isinstance(self.swiftkv_group, int) or isinstance(self.swiftkv_group, bool) or self.swiftkv_group < 1:
-            raise CficError(f"swiftkv_group must be a positive integer, got {self.swiftkv_group!r}")
+        if self.swiftkv_layer is not None:
+            require_positive_int("swiftkv_layer", self.swiftkv_layer)
+        require_positive_int("swiftkv_group", self.swiftkv_group)
         if self.prior is not None and not isinstance(self.prior, PriorWeights):
             raise CficError(f"prior must be PriorWeights or None, got {type(self.prior).__name__}")
         if self.abstention is not None and not isinstance(self.abstention, Abstention):
@@ -105,6 +101,15 @@ class GroundingConfig:
         return (self.max_span_tokens, self.max_sentence_tokens, self.max_query_tokens, self.overlap_tokens,
                 self.max_context_tokens, self.language, self.instruction, self.swiftkv_layer, self.swiftkv_group,
                 self.prior is not None)
+
+
+def adapter_choice(adapter: str | None, no_adapter: bool) -> str | None:
+    """What ``load_model(adapter=...)`` gets from the two CLI flags."""
+    if no_adapter and adapter:
+        raise CficError("--adapter and --no-adapter exclude each other")
+    if no_adapter:
+        return None
+    return adapter or "auto"
 
 
 def acceleration_options(swiftkv_layer: int | None = None, swiftkv_group: int | None = None,

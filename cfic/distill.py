@@ -151,7 +151,7 @@ def distill(settings: DistillSettings, progress: bool = True, loaded=None) -> di
     from cfic.decoding.encode import PromptTemplate
     from cfic.decoding.runner import LayerRunner
     from cfic.decoding.swiftkv import SwiftKV
-    from cfic.models import load_model
+    from cfic.models import eos_token_ids, load_model
 
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -188,9 +188,8 @@ def distill(settings: DistillSettings, progress: bool = True, loaded=None) -> di
         step, history, minutes_before = state["step"], state["history"], state["minutes"]
         torch.set_rng_state(state["rng"])
     config = GroundingConfig()
-    eos = getattr(model.generation_config, "eos_token_id", None)
     template = PromptTemplate.for_tokenizer(loaded.tokenizer, config.instruction,
-                                            [e for e in (eos if isinstance(eos, list) else [eos]) if e is not None])
+                                            eos_token_ids(model, loaded.tokenizer))
     items = distill_items(loaded.tokenizer, template, config, settings)
     if not items:
         raise CficError("no distillation items could be built from the training split")
@@ -282,9 +281,9 @@ def distill_swiftkv_command(
                                                                    "the same command again to resume.")] = False,
 ) -> None:
     """Distil SwiftKV parameters (norm, K/V and query correction of layers >= l) against the unmodified model."""
-    if adapter and no_adapter:
-        raise CficError("--adapter and --no-adapter exclude each other")
-    settings = DistillSettings(out=out, model=model, adapter=None if no_adapter else (adapter or "auto"),
+    from cfic.config import adapter_choice
+
+    settings = DistillSettings(out=out, model=model, adapter=adapter_choice(adapter, no_adapter),
                                layer=layer, group=group, q_rank=q_rank, steps=steps, accumulate=accumulate, lr=lr,
                                passages=passages, answer_tokens=answer_tokens, max_minutes=max_minutes,
                                threads=threads, seed=seed)

@@ -22,7 +22,7 @@ from cfic.decoding.runner import LayerRunner
 from cfic.decoding.skip import SpanEnd, candidates, greedy_span_end, skip_decode_span_end
 from cfic.decoding.swiftkv import SwiftKV
 from cfic.errors import CficError, GroundingCancelled
-from cfic.models import LoadedModel, adapter_settings, load_model
+from cfic.models import LoadedModel, adapter_settings, eos_token_ids, load_model
 from cfic.prior import SentencePrior, abstention_features
 from cfic.text import Sentence, split_sentences
 from cfic.types import Document, Evidence, GroundingResult, Usage
@@ -37,6 +37,23 @@ def bundled_swiftkv(model_name: str) -> str | None:
 
     path = resources.files("cfic").joinpath(f"data/swiftkv-{model_name}.safetensors")
     return str(path) if path.is_file() else None
+
+
+def load_swiftkv(loaded: LoadedModel, swiftkv: str | os.PathLike | SwiftKV | None) -> SwiftKV | None:
+    """Distilled SwiftKV parameters for ``loaded``: a file, ``"bundled"`` (the file shipped for exactly these
+    weights -- with the CFIC adapter merged, its own file -- else the base model's, which the weight-fingerprint check
+    then refuses with a message saying why), an already loaded :class:`SwiftKV`, or None."""
+    if swiftkv is None or isinstance(swiftkv, SwiftKV):
+        return swiftkv
+    path = swiftkv
+    if str(swiftkv) == "bundled":
+        path = bundled_swiftkv(loaded.name) or bundled_swiftkv(loaded.name.split("+")[0])
+        if path is None:
+            raise CficError(f"no bundled SwiftKV parameters for {loaded.name}; pass a file from cfic distill-swiftkv")
+    try:
+        return SwiftKV.load(path, loaded.model)
+    except ValueError as exc:
+        raise CficError(str(exc)) from exc
 
 
 @dataclass(frozen=True)
@@ -92,10 +109,8 @@ class Grounder:
         self.sentence_prior = (sentence_prior or SentencePrior()) if config.prior is not None else None
         self.runner = LayerRunner(loaded.model, swiftkv)
         self._layer_skip(config)  # validate the schedule against the model once
-        gen = getattr(loaded.model, "generation_config", None)
-        eos = getattr(gen, "eos_token_id", None)
-        eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
-        self.template = PromptTemplate.for_tokenizer(self.tokenizer, self.config.instruction, eos_ids)
+        self.template = PromptTemplate.for_tokenizer(self.tokenizer, self.config.instruction,
+                                                     eos_token_ids(loaded.model, self.tokenizer))
         self.max_context = self.config.max_context_tokens or self.runner.max_positions
         prior_name = self.sentence_prior.name if self.sentence_prior is not None else ""
         key = (f"{loaded.name}|{loaded.dtype}|{self.config.encoding_key()}|{swiftkv.digest() if swiftkv else ''}"
@@ -139,22 +154,7 @@ class Grounder:
         for name, value in adapter_settings(loaded.adapter).items():
             options.setdefault(name, value)
         config = GroundingConfig().with_options(**options)
-        params = None
-        if isinstance(swiftkv, SwiftKV):
-            params = swiftkv
-        elif swiftkv is not None:
-            path = swiftkv
-            if str(swiftkv) == "bundled":
-                # The file distilled against exactly these weights (with the CFIC adapter merged: its own file); else
-                # the base model's, which the weight-fingerprint check then refuses with a message saying why.
-                path = bundled_swiftkv(loaded.name) or bundled_swiftkv(loaded.name.split("+")[0])
-            if path is None:
-                raise CficError(f"no bundled SwiftKV parameters for {loaded.name}; pass a file from "
-                                "cfic distill-swiftkv")
-            try:
-                params = SwiftKV.load(path, loaded.model)
-            except ValueError as exc:
-                raise CficError(str(exc)) from exc
+        params = load_swiftkv(loaded, swiftkv)
         return cls(loaded, config, params)
 
     @property

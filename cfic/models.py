@@ -37,6 +37,16 @@ class LoadedModel:
     adapter: str | None = None
 
 
+def eos_token_ids(model: torch.nn.Module, tokenizer: object) -> list[int]:
+    """End-of-sequence ids, the generation config's first (one id or a list: chat models put the end-of-turn token
+    there) then the tokenizer's, without repeats. Evidence ends at any of them, as ``generate`` would stop."""
+    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [gen] if isinstance(gen, int) else [e for e in (gen or []) if e is not None]
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.append(tokenizer.eos_token_id)
+    return list(dict.fromkeys(int(i) for i in ids))
+
+
 def bundled_adapter() -> Path | None:
     """The CFIC-tuned LoRA adapter shipped for the default model (``cfic train`` writes it), if present."""
     path = Path(__file__).parent / "data" / "adapter"
@@ -92,6 +102,17 @@ def adapter_settings(adapter: str | os.PathLike | None) -> dict[str, object]:
     except (ValueError, TypeError, KeyError) as exc:
         raise ModelLoadError(f"{path}: {exc}") from exc
     return out
+
+
+def _merged_weights_id(base_print: str, adapter: Path) -> str:
+    """Base weights' print + the adapter's files: the same whatever dtype the merge ran in."""
+    h = hashlib.sha256(base_print.encode())
+    for name in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"):
+        path = adapter / name
+        if path.is_file():
+            h.update(name.encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def apply_adapter(model: torch.nn.Module, adapter: Path) -> torch.nn.Module:
@@ -250,8 +271,12 @@ def load_model(
     elif adapter is not None:
         adapter_path = Path(adapter).expanduser()
     if adapter_path is not None:
+        from cfic.decoding.swiftkv import WEIGHTS_ID_ATTR, model_fingerprint
+
+        base_print = model_fingerprint(model, 2)  # before the merge rounds anything (see model_fingerprint, v3)
         model = apply_adapter(model, adapter_path)
         name = f"{name}+{adapter_path.name if adapter_path != bundled_adapter() else 'cfic-lora'}"
+        setattr(model, WEIGHTS_ID_ATTR, (_merged_weights_id(base_print, adapter_path), model_fingerprint(model, 2)))
     model.to(dev).eval()
     model.requires_grad_(False)
     return LoadedModel(model, tokenizer, name, dev, dt, time.perf_counter() - start, cached,

@@ -14,6 +14,7 @@ import re
 import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import sentencex
 
@@ -120,3 +121,32 @@ def split_sentences(
             capped.extend(_cap_span(text, a, b, max_tokens, count_tokens) if n > max_tokens else [(a, b)])
         spans = capped
     return [Sentence(a, b, text[a:b]) for a, b in spans]
+
+
+def decode_text(data: bytes, name: str) -> str:
+    """``data`` as UTF-8 text (a byte-order mark dropped), or a DocumentReadError naming ``name``: a NUL byte
+    anywhere means a binary file, which would otherwise become evidence made of garbage."""
+    from cfic.errors import DocumentReadError
+
+    if b"\x00" in data:
+        raise DocumentReadError(f"{name}: looks like a binary file (it contains NUL bytes); give UTF-8 text")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DocumentReadError(f"{name}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+
+
+def read_text_file(path: str | Path) -> str:
+    """A UTF-8 text file, read whole, with one clear DocumentReadError for each way it can fail."""
+    from cfic.errors import DocumentReadError
+
+    p = Path(path)
+    if not p.exists():
+        raise DocumentReadError(f"{path}: no such file")
+    if p.is_dir():
+        raise DocumentReadError(f"{path}: is a directory")
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise DocumentReadError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    return decode_text(data, str(path))

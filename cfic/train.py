@@ -214,7 +214,7 @@ def train(settings: TrainSettings, progress: bool = True, calibrate_after: bool 
 
     from cfic.config import GroundingConfig
     from cfic.decoding.encode import PromptTemplate
-    from cfic.models import load_model
+    from cfic.models import eos_token_ids, load_model
 
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -224,9 +224,7 @@ def train(settings: TrainSettings, progress: bool = True, calibrate_after: bool 
     loaded = load_model(settings.model, device="cpu", dtype="float32", adapter=None)
     tokenizer = loaded.tokenizer
     config = GroundingConfig()
-    eos = getattr(loaded.model.generation_config, "eos_token_id", None)
-    template = PromptTemplate.for_tokenizer(tokenizer, config.instruction,
-                                            [e for e in (eos if isinstance(eos, list) else [eos]) if e is not None])
+    template = PromptTemplate.for_tokenizer(tokenizer, config.instruction, eos_token_ids(loaded.model, tokenizer))
     items = training_items(tokenizer, template, config, settings)
     if not items:
         raise CficError("no training items could be built")

@@ -88,7 +88,10 @@ def _rounded_bytes(t: Tensor) -> bytes:
     return t.detach().float().to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes()
 
 
-FINGERPRINT_VERSION = 2
+FINGERPRINT_VERSION = 3
+# Set by ``cfic.models.load_model`` when it merges an adapter: (what the weights were built from -- the base weights'
+# version-2 print and the adapter's file hash --, the version-2 print of the merged weights as loaded).
+WEIGHTS_ID_ATTR = "cfic_weights_id"
 
 
 def model_fingerprint(model: nn.Module, version: int = FINGERPRINT_VERSION) -> str:
@@ -97,7 +100,17 @@ def model_fingerprint(model: nn.Module, version: int = FINGERPRINT_VERSION) -> s
 
     Version 2 samples the first rows of every weight of every decoder layer (any merged LoRA, whatever modules it
     targets — PEFT's default for Llama is q_proj and v_proj only — changes them) plus every norm; version 1 (files
-    written before it) sampled only k_proj and down_proj, which a q/v-only adapter leaves alone."""
+    written before it) sampled only k_proj and down_proj, which a q/v-only adapter leaves alone.
+
+    Version 3 is the id ``cfic.models.load_model`` records (``WEIGHTS_ID_ATTR``): the base weights' version-2 print
+    and the merged adapter's file hash. Merged weights themselves differ in the last bit between a float32 and a
+    bfloat16 merge, so a version-2 print of them ties a file to the dtype it was distilled in; base weights do not
+    (they are exact in both). A model not loaded by ``load_model``, or whose weights changed since (the recorded
+    merged print no longer matches), falls back to the version-2 print."""
+    if version == 3:
+        now = model_fingerprint(model, 2)
+        recorded = getattr(model, WEIGHTS_ID_ATTR, None)
+        return recorded[0] if isinstance(recorded, tuple) and recorded[1] == now else now
     core = model.model
     cfg = model.config
     h = hashlib.sha256()

@@ -7,9 +7,12 @@ from typing import Annotated
 
 import typer
 
+from cfic.cli import LayerSkipOpt, LayerSkipWarmupOpt, SwiftKVGroupOpt, SwiftKVLayerOpt, SwiftKVOpt
+
 DATASET_HELP = "nq (default), hotpotqa, squad, nq-long, or generic (your --data-file in the generic schema)."
-METHODS_HELP = ("Comma-separated: cfic, cfic-no-skip, cfic-zero-shot, embedding, bm25, generate, full-document, random "
-                "(default: all).")
+METHODS_HELP = ("Comma-separated: cfic, cfic-lm-only, cfic-no-skip, cfic-zero-shot, prior, embedding, bm25, generate, "
+                "full-document, random (default: all), and cfic-accel (cfic with the acceleration options; added "
+                "by itself when one is given).")
 
 
 def _command_line(**options: object) -> str:
@@ -40,20 +43,33 @@ def evaluate_command(
     resume: Annotated[bool, typer.Option(
         "--resume", help="Continue an interrupted run from --out's journal (same settings) instead of "
                          "starting over.")] = False,
+    swiftkv_layer: SwiftKVLayerOpt = None,
+    swiftkv_group: SwiftKVGroupOpt = None,
+    swiftkv: SwiftKVOpt = None,
+    layer_skip: LayerSkipOpt = None,
+    layer_skip_warmup: LayerSkipWarmupOpt = None,
 ) -> None:
     """Measure cfic and every baseline on the same documents; write report.json, report.md and a plot."""
     from cfic.errors import CficError
 
     if limit is not None and limit < 1:
         raise CficError(f"--limit must be at least 1, got {limit}")
+    from cfic.config import acceleration_options
     from cfic.eval.report import PLOT_NAME, markdown_table
     from cfic.eval.runner import evaluate
 
+    options, swiftkv = acceleration_options(swiftkv_layer, swiftkv_group, swiftkv, layer_skip, layer_skip_warmup)
+    # only options that change something (--layer-skip 0 alone would add a row identical to cfic)
+    changes = swiftkv or options.get("swiftkv_layer") or options.get("layer_skip")
+    acceleration = {"options": options, "swiftkv": swiftkv} if changes else None
     out = out or f"runs/eval-{dataset}"
     command = _command_line(dataset=dataset, data_file=data_file, limit=limit, seed=seed, methods=methods,
-                            out=out, model=model, k=k, threshold=threshold)
+                            out=out, model=model, k=k, threshold=threshold, swiftkv_layer=swiftkv_layer,
+                            swiftkv_group=swiftkv_group, swiftkv=swiftkv, layer_skip=layer_skip,
+                            layer_skip_warmup=layer_skip_warmup)
     report = evaluate(dataset, data_file=data_file, limit=limit, seed=seed, methods=methods, out=out,
-                      model=model, k=k, threshold=threshold, progress=not quiet, command=command, resume=resume)
+                      model=model, k=k, threshold=threshold, progress=not quiet, command=command, resume=resume,
+                      acceleration=acceleration)
     typer.echo(markdown_table(report))
     typer.echo(f"\nwrote {out}/report.json, {out}/report.md, {out}/{PLOT_NAME} "
                f"({report['n']} examples, {report['wall_seconds']:.0f} s)")

@@ -50,6 +50,9 @@ from cfic.text import Sentence, split_sentences
 
 METHOD_NAMES = ("cfic", "cfic-lm-only", "cfic-no-skip", "cfic-zero-shot", "prior", "embedding", "bm25", "generate",
                 "full-document", "random")
+# Not among the defaults: the main cfic grounder with acceleration options (``cfic evaluate --swiftkv ...``), its own
+# row next to ``cfic`` so that the recall an acceleration costs gets a paired interval in one run.
+ACCEL_METHOD = "cfic-accel"
 DEFAULT_BUDGET = 3
 GENERATE_SLACK_TOKENS = 32
 GENERATE_DEFAULT_TOKENS = 128
@@ -85,10 +88,13 @@ class EvalContext:
     """What the methods share: the LM (loaded once, only when a method needs it), its tokenizer, the embedder
     and a cache of sentence splits."""
 
-    def __init__(self, model: str | None = None, grounder: Any = None, seed: int = 0) -> None:
+    def __init__(self, model: str | None = None, grounder: Any = None, seed: int = 0,
+                 acceleration: dict[str, Any] | None = None) -> None:
         self.model = model
         self.seed = seed
+        self.acceleration = acceleration
         self._grounder = grounder
+        self._accel: Any = None
         self._tokenizer = grounder.tokenizer if grounder is not None else None
         self._embedder = None
         self._zero_shot: Any = None
@@ -103,6 +109,21 @@ class EvalContext:
             self._grounder = Grounder.from_pretrained(self.model)
             self._tokenizer = self._grounder.tokenizer
         return self._grounder
+
+    @property
+    def accel_grounder(self) -> Any:
+        """The main grounder's weights, prior and settings plus ``acceleration`` (``{"options": GroundingConfig
+        options, "swiftkv": file or "bundled" or None}``, as :func:`cfic.config.acceleration_options` returns)."""
+        if self.acceleration is None:
+            raise CficError(f"{ACCEL_METHOD} needs an acceleration option (--swiftkv, --swiftkv-layer, --layer-skip)")
+        if self._accel is None:
+            from cfic.grounder import Grounder, load_swiftkv
+
+            main = self.grounder
+            config = main.config.with_options(**self.acceleration.get("options", {}))
+            self._accel = Grounder(main.loaded, config, load_swiftkv(main.loaded, self.acceleration.get("swiftkv")),
+                                   sentence_prior=main.sentence_prior)
+        return self._accel
 
     @property
     def zero_shot_grounder(self) -> Any:
@@ -231,6 +252,16 @@ class ZeroShotCficMethod(CficMethod):
         return ctx.zero_shot_grounder
 
 
+class AcceleratedCficMethod(CficMethod):
+    state_key = "cfic-accel-encoding"
+
+    def __init__(self, threshold: float | None = None) -> None:
+        super().__init__(ACCEL_METHOD, True, threshold)
+
+    def grounder(self, ctx: EvalContext) -> Any:
+        return ctx.accel_grounder
+
+
 @dataclass
 class _Units:
     """Every sentence of every document, in cfic's sentence units."""
@@ -357,13 +388,12 @@ def parse_generated(text: str, documents: Sequence[str]) -> tuple[list[Span], bo
 
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
     """The model's own end tokens (generation config and tokenizer), as plain ``generate`` would use them."""
-    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids = [gen] if isinstance(gen, int) else list(gen or [])
-    if tokenizer.eos_token_id is not None:
-        ids.append(int(tokenizer.eos_token_id))
+    from cfic.models import eos_token_ids
+
+    ids = eos_token_ids(model, tokenizer)
     if not ids:
         raise CficError("generate: the model has no end-of-sequence token")
-    return list(dict.fromkeys(ids))
+    return ids
 
 
 class GenerateMethod(Method):
@@ -430,6 +460,7 @@ def make_methods(names: Sequence[str], *, generate_max_tokens: int = GENERATE_MA
         "cfic-no-skip": lambda: CficMethod("cfic-no-skip", False, threshold),
         "prior": PriorMethod,
         "cfic-zero-shot": lambda: ZeroShotCficMethod(threshold),
+        ACCEL_METHOD: lambda: AcceleratedCficMethod(threshold),
         "embedding": EmbeddingMethod,
         "bm25": BM25Method,
         "generate": lambda: GenerateMethod(generate_max_tokens),
@@ -439,7 +470,7 @@ def make_methods(names: Sequence[str], *, generate_max_tokens: int = GENERATE_MA
     out = []
     for name in names:
         if name not in factories:
-            raise CficError(f"unknown method {name!r}; choose from {', '.join(METHOD_NAMES)}")
+            raise CficError(f"unknown method {name!r}; choose from {', '.join((*METHOD_NAMES, ACCEL_METHOD))}")
         out.append(factories[name]())
     return out
 
@@ -453,6 +484,6 @@ def parse_methods(value: str | Sequence[str] | None) -> list[str]:
     if not names:
         raise CficError(f"--methods is empty; choose from {', '.join(METHOD_NAMES)}")
     for name in names:
-        if name not in METHOD_NAMES:
-            raise CficError(f"unknown method {name!r}; choose from {', '.join(METHOD_NAMES)}")
+        if name not in METHOD_NAMES and name != ACCEL_METHOD:
+            raise CficError(f"unknown method {name!r}; choose from {', '.join((*METHOD_NAMES, ACCEL_METHOD))}")
     return list(dict.fromkeys(names))

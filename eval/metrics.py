@@ -205,8 +205,10 @@ def _mean(values: Iterable[float | bool | None]) -> float | None:
     return sum(kept) / len(kept) if kept else None
 
 
-def _percentile(values: Sequence[float], q: float) -> float | None:
-    return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if values else None
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The ``q``-th percentile (0-100, linear between order statistics, as numpy and ``statistics.quantiles``
+    "inclusive"); None for no values. The one convention of every latency figure cfic reports."""
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if len(values) else None
 
 
 def _round(value: float | None, digits: int = 4) -> float | None:
@@ -246,14 +248,14 @@ def aggregate(scores: Sequence[ExampleScore], *, with_no_evidence: bool) -> dict
         "verbatim_rate": _round(_mean(s.verbatim for s in scores)),
         "verbatim_piece_rate": _round(sum(s.verbatim_pieces for s in scores) / pieces if pieces else None),
         "no_evidence_rate": _round(_mean(s.no_evidence for s in scores)),
-        "latency_ms_p50": _round(_percentile(latencies, 50), 1),
-        "latency_ms_p95": _round(_percentile(latencies, 95), 1),
+        "latency_ms_p50": _round(percentile(latencies, 50), 1),
+        "latency_ms_p95": _round(percentile(latencies, 95), 1),
     }
     if with_no_evidence:
         row["no_evidence_accuracy"] = _round(_mean(s.no_evidence == (not s.answerable) for s in scores))
     for stage in STAGES:
         values = [s.stages[stage] for s in scores if stage in s.stages]
         if values:
-            row[f"{stage}_p50"] = _round(_percentile(values, 50), 1)
-            row[f"{stage}_p95"] = _round(_percentile(values, 95), 1)
+            row[f"{stage}_p50"] = _round(percentile(values, 50), 1)
+            row[f"{stage}_p95"] = _round(percentile(values, 95), 1)
     return row

@@ -25,6 +25,7 @@ from cfic.errors import CficError
 from cfic.eval.datasets import Example, load_split
 from cfic.eval.journal import JOURNAL_NAME, JournalEntry, JournalWriter, read_journal
 from cfic.eval.methods import (
+    ACCEL_METHOD,
     DEFAULT_BUDGET,
     GENERATE_MAX_TOKENS,
     Budget,
@@ -147,6 +148,7 @@ def evaluate(
     generate_max_tokens: int = GENERATE_MAX_TOKENS,
     threshold: float | None = None,
     resume: bool = False,
+    acceleration: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run the evaluation and return the report (also written to ``out`` when given).
 
@@ -156,17 +158,25 @@ def evaluate(
     ``grounder`` lets a caller pass an already loaded :class:`cfic.Grounder` (then ``model`` is ignored);
     ``generate_max_tokens`` caps the ``generate`` baseline's output length; ``threshold`` is cfic's score
     threshold (spans scoring below it are dropped, and with none left cfic reports no evidence).
+    ``acceleration`` (``{"options": {...}, "swiftkv": ...}``) adds the ``cfic-accel`` row: cfic with those options,
+    next to ``cfic`` on the same examples.
     """
     names = parse_methods(methods)
+    if acceleration is not None and ACCEL_METHOD not in names:
+        names.append(ACCEL_METHOD)
+    if acceleration is None and ACCEL_METHOD in names:
+        raise CficError(f"{ACCEL_METHOD} needs an acceleration option (--swiftkv, --swiftkv-layer, --layer-skip)")
     if out is not None and Path(out).exists() and not Path(out).is_dir():
         raise CficError(f"--out {str(out)!r} exists and is not a directory")
     examples = load_split(dataset, "eval", k=k, seed=seed, limit=limit, data_file=data_file)
     if not examples:
         raise CficError(f"dataset {dataset!r} has no examples to evaluate")
     method_objs = make_methods(names, generate_max_tokens=generate_max_tokens, threshold=threshold)
-    ctx = EvalContext(model=model, grounder=grounder, seed=seed)
+    ctx = EvalContext(model=model, grounder=grounder, seed=seed, acceleration=acceleration)
     if any(m.needs_lm for m in method_objs):
         ctx.grounder  # load the model before the progress bar starts  # noqa: B018
+    if ACCEL_METHOD in names:
+        ctx.accel_grounder  # a bad SwiftKV file or option fails here, before the journal starts  # noqa: B018
     if any(m.needs_embedder for m in method_objs):
         ctx.embedder  # noqa: B018
     settings = {"dataset": dataset, "data_file": None if data_file is None else Path(data_file).name,
@@ -175,6 +185,10 @@ def evaluate(
                 # the loaded configuration (fitted prior weights, abstention, budgets): a refit between two
                 # sessions must not be mixed into one table
                 "config": _config_fingerprint(ctx) if any(m.needs_lm for m in method_objs) else None}
+    if acceleration is not None:  # only then: journals written before the option existed still resume
+        # with the accelerated grounder's key, which covers the SwiftKV file's contents: a re-distilled file at the
+        # same path is another run
+        settings["acceleration"] = {**acceleration, "model_key": ctx.accel_grounder.model_key}
     done: list[JournalEntry] = []
     writer = None
     if out is not None:
@@ -206,6 +220,8 @@ def evaluate(
                    else f"{DEFAULT_BUDGET} sentences per example"),
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
+    if acceleration is not None:
+        report["acceleration"] = acceleration
     if command:
         report["command"] = command
     if out is not None:

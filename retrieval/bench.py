@@ -47,15 +47,12 @@ from typing import Any
 
 import numpy as np
 
+from cfic.eval.metrics import percentile
+
 
 def _unit(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
     x = rng.standard_normal((n, dim), dtype=np.float32)
     return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
 def bench_synthetic(size: int, dim: int, n_queries: int, k: int, ef_values: list[int], root: Path,
@@ -91,8 +88,8 @@ def bench_synthetic(size: int, dim: int, n_queries: int, k: int, ef_values: list
             recall = statistics.fmean(len(a & b) / k for a, b in zip(found, exact, strict=True))
             rows.append({
                 "vectors": size, "kind": kind, "ef_search": ef, "build_s": round(build_s, 2),
-                "build_docs_per_s": round(size / build_s), "search_p50_ms": round(_percentile(latencies, 0.5), 3),
-                "search_p95_ms": round(_percentile(latencies, 0.95), 3), f"recall@{k}_vs_exact": round(recall, 4),
+                "build_docs_per_s": round(size / build_s), "search_p50_ms": round(percentile(latencies, 50), 3),
+                "search_p95_ms": round(percentile(latencies, 95), 3), f"recall@{k}_vs_exact": round(recall, 4),
                 "bytes_on_disk": disk,
             })
             print(json.dumps(rows[-1]), flush=True)
@@ -186,7 +183,7 @@ def bench_real(corpus: Path, limit: int | None, n_queries: int, k: int, ef_value
         "corpus": corpus.name, "documents": len(texts), "words": words, "passages": report.passages,
         "build_s": round(build_s, 2), "docs_per_s": round(len(texts) / build_s, 2),
         "passages_per_s": round(report.passages / build_s, 1), "words_per_s": round(words / build_s),
-        "queries": len(questions), "text_search_p50_ms": round(_percentile(latencies, 0.5), 2),
+        "queries": len(questions), "text_search_p50_ms": round(percentile(latencies, 50), 2),
         f"hnsw_recall@{k}_by_ef_search": recall, "embedder": embedder.name, "device": embedder.device,
     }
     print(json.dumps(row), flush=True)
@@ -509,10 +506,10 @@ def _search_rows(index: Any, kind: str, queries: list[Query], query_vectors: np.
         gold = [(q, f) for q, f in zip(queries, found, strict=True) if q.gold]
         hit = statistics.fmean(any(f"d{g}" in f for g in q.gold) for q, f in gold) if gold else None
         rows.append({"kind": kind, "ef_search": ef,
-                     "vector_search_p50_ms": round(_percentile(vector_ms, 0.5), 2),
-                     "vector_search_p95_ms": round(_percentile(vector_ms, 0.95), 2),
-                     "text_search_p50_ms": round(_percentile(text_ms, 0.5), 2),
-                     "text_search_p95_ms": round(_percentile(text_ms, 0.95), 2),
+                     "vector_search_p50_ms": round(percentile(vector_ms, 50), 2),
+                     "vector_search_p95_ms": round(percentile(vector_ms, 95), 2),
+                     "text_search_p50_ms": round(percentile(text_ms, 50), 2),
+                     "text_search_p95_ms": round(percentile(text_ms, 95), 2),
                      f"recall@{k}_vs_exact": round(recall, 4),
                      f"gold_hit@{k}": None if hit is None else round(hit, 4), "gold_queries": len(gold),
                      "queries": len(queries)})

@@ -13,6 +13,8 @@ from typing import Annotated, Any
 
 import typer
 
+from cfic.text import read_text_file
+
 index_app = typer.Typer(
     help="A faiss index of whole documents: find candidate documents in a corpus, then ground in them.",
     no_args_is_help=True,
@@ -34,28 +36,11 @@ ModelOption = Annotated[
 DeviceOption = Annotated[str | None, typer.Option("--device", help="cpu or cuda (default: cpu).")]
 
 
-def _read_text(path: Path) -> str:
-    from cfic.errors import DocumentReadError
-
-    try:
-        data = path.read_bytes()
-    except IsADirectoryError as exc:
-        raise DocumentReadError(f"{path} is a folder") from exc
-    except OSError as exc:
-        raise DocumentReadError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    if b"\x00" in data:
-        raise DocumentReadError(f"{path} looks binary (it contains NUL bytes); give UTF-8 text files")
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise DocumentReadError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
-
-
 def _read_jsonl(path: Path, source: str) -> list[dict[str, Any]]:
     from cfic.errors import DocumentReadError
 
     docs = []
-    for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
+    for lineno, line in enumerate(read_text_file(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -111,7 +96,7 @@ def collect_documents(paths: list[Path]) -> tuple[list[dict[str, Any]], list[str
         if path.suffix.lower() in JSONL_SUFFIXES:
             rows = _read_jsonl(path, source)
         else:
-            text = _read_text(path)
+            text = read_text_file(path)
             if not text.strip():
                 notes.append(f"skipped {path}: empty")
                 continue

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cfic.errors import CficError, EmptyDocumentError, EmptyQueryError
+from cfic.errors import CficError, EmptyDocumentError, EmptyQueryError, require_positive_int
 from cfic.types import Document
 
 if TYPE_CHECKING:
@@ -300,8 +300,7 @@ class CorpusIndex:
             raise CficError(f"unknown index kind {kind!r}; use one of {', '.join(INDEX_KINDS)}")
         for name, value in (("passage_tokens", passage_tokens), ("hnsw_m", hnsw_m),
                             ("ef_construction", ef_construction), ("ef_search", ef_search)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise CficError(f"{name} must be a positive integer, got {value!r}")
+            require_positive_int(name, value)
         if root.exists() and not root.is_dir():
             raise CficError(f"{root} exists and is not a folder")
         if (root / MANIFEST).exists():
@@ -320,8 +319,7 @@ class CorpusIndex:
 
             embedder = get_embedder(model, device=device)
             dim = embedder.dimension
-        if not isinstance(dim, int) or dim < 1:
-            raise CficError(f"dimension must be a positive integer, got {dim!r}")
+        require_positive_int("dimension", dim)
         root.mkdir(parents=True, exist_ok=True)
         with _flock(root / LOCK, shared=False):  # two creators racing: the second finds the first's manifest
             if (root / MANIFEST).exists():
@@ -539,9 +537,8 @@ class CorpusIndex:
         are already indexed under the same id with the same text and metadata (``AddReport.unchanged``): running
         an interrupted add again then embeds only what it had not saved.
         """
-        if commit_every is not None and (not isinstance(commit_every, int) or isinstance(commit_every, bool)
-                                         or commit_every < 1):
-            raise CficError(f"commit_every must be a positive integer or None, got {commit_every!r}")
+        if commit_every is not None:
+            require_positive_int("commit_every", commit_every)
         docs: dict[str, tuple[Document, int]] = {}
         n_items = 0
         for row, item in enumerate(documents):
@@ -691,8 +688,7 @@ class CorpusIndex:
 
     def search(self, query: str | np.ndarray, k: int = 5, *, ef_search: int | None = None) -> list[Hit]:
         """The ``k`` documents whose best passage is most similar to ``query`` (a text, or a query vector)."""
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise CficError(f"k must be a positive integer, got {k!r}")
+        require_positive_int("k", k)
         if isinstance(query, str):
             if not query.strip():
                 raise EmptyQueryError("the query is empty")

@@ -27,7 +27,7 @@ from langchain_core.documents import Document as LCDocument
 from langchain_core.retrievers import BaseRetriever
 from pydantic import ConfigDict, Field, PrivateAttr, model_validator
 
-from cfic.errors import CficError
+from cfic.errors import CficError, require_positive_int
 from cfic.types import Document
 
 __all__ = ["CFICCompressor", "CFICRetriever"]
@@ -89,11 +89,6 @@ def _evidence_documents(result: Any, sources: Sequence[Document], extra: Sequenc
     return out
 
 
-def _positive(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise CficError(f"{name} must be a positive integer, got {value!r}")
-
-
 class CFICRetriever(BaseRetriever):
     """Retrieve verbatim evidence: the ``fetch_k`` best documents of a corpus index, then CFIC grounding in them.
 
@@ -137,8 +132,8 @@ class CFICRetriever(BaseRetriever):
     def _check(self) -> CFICRetriever:
         if (self.index is None) == (self.documents is None):
             raise CficError("give either index= or documents=, not both and not neither")
-        _positive("k", self.k)
-        _positive("fetch_k", self.fetch_k)
+        require_positive_int("k", self.k)
+        require_positive_int("fetch_k", self.fetch_k)
         if self.documents is not None:
             if not self.documents:
                 raise CficError("documents is empty")
@@ -194,8 +189,8 @@ class CFICRetriever(BaseRetriever):
         """The work behind ``invoke``: search (index mode), ground, convert. Blocking."""
         k = self.k if k is None else k
         fetch_k = self.fetch_k if fetch_k is None else fetch_k
-        _positive("k", k)
-        _positive("fetch_k", fetch_k)
+        require_positive_int("k", k)
+        require_positive_int("fetch_k", fetch_k)
         grounder = self._grounder()
         options = {"top_k": k, "max_span_tokens": self.max_span_tokens, "threshold": self.threshold,
                    "skip_decoding": self.skip_decoding}
@@ -260,7 +255,7 @@ class CFICCompressor(BaseDocumentCompressor):
     @model_validator(mode="after")
     def _check(self) -> CFICCompressor:
         if self.k is not None:
-            _positive("k", self.k)
+            require_positive_int("k", self.k)
         return self
 
     def compress_documents(

@@ -118,6 +118,26 @@ def test_from_pretrained_refuses_stale_parameters_next_to_an_adapter(on_disk):
     assert g.ground("Where is the castle?", [DOC]).evidence
 
 
+def test_parameters_distilled_with_an_adapter_load_in_either_dtype(on_disk, tmp_path):
+    """A float32 and a bfloat16 merge of the same adapter differ in the last bit of some weights; the fingerprint
+    (version 3) names what the weights were built from, so a file distilled in one dtype serves the other."""
+    from cfic.models import load_model
+
+    model_dir, adapter_dir, _ = on_disk
+    f32 = load_model(str(model_dir), device="cpu", dtype="float32", adapter=str(adapter_dir))
+    bf16 = load_model(str(model_dir), device="cpu", dtype="bfloat16", adapter=str(adapter_dir))
+    base = load_model(str(model_dir), device="cpu", dtype="float32", adapter=None)
+    assert model_fingerprint(f32.model) == model_fingerprint(bf16.model) != model_fingerprint(base.model)
+    path = distilled(f32, tmp_path / "lora-sw.safetensors")
+    assert SwiftKV.load(path, bf16.model).layer == 1
+    with pytest.raises(ValueError, match="other weights"):
+        SwiftKV.load(path, base.model)
+    with torch.no_grad():  # weights changed after the load: the recorded id no longer vouches for them
+        f32.model.model.layers[0].mlp.up_proj.weight[0, :4] += 1.0
+    with pytest.raises(ValueError, match="other weights"):
+        SwiftKV.load(path, f32.model)
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cfic.cli", *args], capture_output=True, text=True, timeout=300)
 

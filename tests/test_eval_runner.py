@@ -153,3 +153,35 @@ def test_resume_refuses_a_journal_written_with_other_settings(nq_file, tmp_path,
         prior=small_grounder.config.prior.__class__(1.0, 1.0, 1.0, 1.0)))
     with pytest.raises(CficError, match="config"):
         evaluate("nq", seed=1, resume=True, **{**kwargs, "grounder": refit})
+
+
+def test_acceleration_options_add_their_own_row_next_to_cfic(nq_file, tmp_path, small_grounder):
+    from cfic.eval.methods import EvalContext
+
+    accel = {"options": {"swiftkv_layer": 1, "layer_skip": 1, "layer_skip_warmup": 0}, "swiftkv": None}
+    ctx = EvalContext(grounder=small_grounder, acceleration=accel)
+    g = ctx.accel_grounder
+    assert g.loaded is small_grounder.loaded and g.sentence_prior is small_grounder.sentence_prior
+    assert (g.config.swiftkv_layer, g.config.layer_skip) == (1, 1) and g.swiftkv is not None
+    assert g.config.prior == small_grounder.config.prior and g.model_key != small_grounder.model_key
+
+    kwargs = dict(data_file=nq_file, k=3, limit=2, seed=1, grounder=small_grounder, progress=False)
+    report = evaluate("nq", methods="cfic", out=tmp_path / "a", acceleration=accel, **kwargs)
+    assert list(report["methods"]) == ["cfic", "cfic-accel"] and report["acceleration"] == accel
+    assert report["methods"]["cfic-accel"]["n"] == 2 and report["methods"]["cfic-accel"]["verbatim_rate"] == 1.0
+    with pytest.raises(CficError, match="acceleration"):  # another acceleration is another run
+        evaluate("nq", methods="cfic", out=tmp_path / "a", resume=True,
+                 acceleration={"options": {"swiftkv_layer": 1}, "swiftkv": None}, **kwargs)
+    with pytest.raises(CficError, match="needs an acceleration option"):
+        evaluate("nq", methods="cfic,cfic-accel", **kwargs)
+
+
+def test_cli_acceleration_options_are_checked_before_loading_anything(tmp_path):
+    app = typer.Typer()
+    app.command()(evaluate_command)
+    for args, message in ((["--swiftkv-group", "2"], "needs --swiftkv-layer"),
+                          (["--swiftkv", str(tmp_path / "nope.safetensors")], "no such file"),
+                          (["--layer-skip-warmup", "2"], "needs --layer-skip")):
+        result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "o")])
+        assert isinstance(result.exception, CficError), args
+        assert message in str(result.exception)
