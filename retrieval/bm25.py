@@ -4,6 +4,7 @@ stemming."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import numpy as np
@@ -15,6 +16,10 @@ class BM25:
     def __init__(self, texts: Sequence[str]) -> None:
         import bm25s
 
+        # bm25s sets its own logger to DEBUG, so every index build printed "Building index from IDs objects" through
+        # the root handler (once per example in `cfic evaluate`). Its warnings still show; a user may lower it again.
+        if logging.getLogger("bm25s").level == logging.DEBUG:
+            logging.getLogger("bm25s").setLevel(logging.WARNING)
         self._bm25s = bm25s
         self.size = len(texts)
         self._index = bm25s.BM25()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from cfic.eval.metrics import (
@@ -134,3 +136,11 @@ def test_verbatim_rates_per_example_and_per_piece():
     row = aggregate(scores, with_no_evidence=False)
     assert row["verbatim_rate"] == pytest.approx(0.5)
     assert row["verbatim_piece_rate"] == pytest.approx(2 / 3, abs=1e-4)  # rows are rounded to 4 places
+
+
+def test_bm25_builds_without_debug_chatter(caplog):
+    from cfic.retrieval.bm25 import BM25
+
+    with caplog.at_level(logging.DEBUG):
+        BM25(["The castle stands on a hill.", "The river runs below it."]).rank(["castle"], 1)
+    assert not [r for r in caplog.records if r.name.startswith("bm25s") and r.levelno < logging.WARNING]
