@@ -94,15 +94,15 @@ def serve_command(
                                          "default timeout; raise them with --timeout.")] = 12_000,
     log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "info",
     swiftkv_layer: Annotated[int | None, typer.Option(
-        "--swiftkv-layer", help="SwiftKV SingleInputKV from layer l on (off by default; zero-training unless "
-                                "--swiftkv gives distilled parameters). Server-wide: requests cannot change it.")]
+        "--swiftkv-layer", help="SwiftKV SingleInputKV from layer l on (zero-training unless --swiftkv gives "
+                                "distilled parameters). Server-wide: requests cannot change it.")]
     = None,
     swiftkv_group: Annotated[int | None, typer.Option(
         "--swiftkv-group", help="AcrossKV: one K/V per group of this many SwiftKV layers.")] = None,
     swiftkv: Annotated[str | None, typer.Option(
-        "--swiftkv", help="Distilled SwiftKV parameters: a file from `cfic distill-swiftkv`, or 'bundled' (the "
-                          "file shipped for the default model as loaded: with its CFIC adapter or with "
-                          "--no-adapter).")] = None,
+        "--swiftkv", help="SwiftKV parameters: 'auto' (default: the ones shipped for the loaded weights, i.e. on "
+                          "for the default model), 'none' (off), 'bundled', or a file from `cfic distill-swiftkv`.")]
+    = None,
     layer_skip: Annotated[int | None, typer.Option(
         "--layer-skip", help="SkipDecode: answer tokens skip up to this many lower layers (off by default).")]
     = None,
@@ -166,7 +166,9 @@ def serve_command(
         cfg = grounder.config
         if cfg.swiftkv_layer is not None or cfg.layer_skip:
             log.info("acceleration: swiftkv_layer=%s swiftkv_group=%s (%s) layer_skip=%s warmup=%s",
-                     cfg.swiftkv_layer, cfg.swiftkv_group, "distilled" if swiftkv else "zero-training",
+                     cfg.swiftkv_layer, cfg.swiftkv_group,
+                     "zero-training" if accel.get("swiftkv_layer") is not None and swiftkv in ("auto", "none")
+                     else "distilled",
                      cfg.layer_skip, cfg.layer_skip_warmup)
         return grounder
 

@@ -31,7 +31,8 @@ DeviceOpt = Annotated[str | None, typer.Option("--device", help="cpu or cuda (de
 DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="float32, bfloat16 or float16 (default: per device).")]
 AdapterOpt = Annotated[str | None, typer.Option("--adapter", help="A PEFT LoRA adapter folder to apply.")]
 NoAdapterOpt = Annotated[bool, typer.Option("--no-adapter", help="Do not apply the bundled CFIC adapter.")]
-# Acceleration (off by default; `cfic bench` measures each against the full model). Ranges are checked by
+# Acceleration (SwiftKV on for the default model through its shipped parameters, the rest off; `cfic bench` measures
+# each against the full model). Ranges are checked by
 # cfic.config.acceleration_options so a bad value is one `error:` line, before the model loads.
 SwiftKVLayerOpt = Annotated[int | None, typer.Option(
     "--swiftkv-layer", help="SwiftKV SingleInputKV from layer l on: the document runs only layers < l (zero-training "
@@ -39,8 +40,8 @@ SwiftKVLayerOpt = Annotated[int | None, typer.Option(
 SwiftKVGroupOpt = Annotated[int | None, typer.Option(
     "--swiftkv-group", help="AcrossKV: one K/V per group of this many SwiftKV layers (less KV memory per token).")]
 SwiftKVOpt = Annotated[str | None, typer.Option(
-    "--swiftkv", help="Distilled SwiftKV parameters: a file from `cfic distill-swiftkv`, or 'bundled' (the file "
-                      "shipped for the default model as loaded: with its CFIC adapter or with --no-adapter).")]
+    "--swiftkv", help="SwiftKV parameters: 'auto' (default: the ones shipped for the loaded weights, i.e. on for the "
+                      "default model), 'none' (off), 'bundled', or a file from `cfic distill-swiftkv`.")]
 LayerSkipOpt = Annotated[int | None, typer.Option(
     "--layer-skip", help="SkipDecode: answer tokens skip up to this many lower layers (0: off).")]
 LayerSkipWarmupOpt = Annotated[int | None, typer.Option(
@@ -193,6 +194,7 @@ def _register_components() -> None:
     from cfic.bench import bench_command
     from cfic.distill import distill_swiftkv_command
     from cfic.eval.cli import evaluate_command
+    from cfic.fit_abstention import fit_abstention_command
     from cfic.fit_prior import fit_prior_command
     from cfic.retrieval.cli import index_app
     from cfic.train import train_command
@@ -203,6 +205,7 @@ def _register_components() -> None:
     app.command("bench")(bench_command)
     app.command("train")(train_command)
     app.command("fit-prior")(fit_prior_command)
+    app.command("fit-abstention")(fit_abstention_command)
     app.command("distill-swiftkv")(distill_swiftkv_command)
 
 

@@ -118,7 +118,8 @@ def acceleration_options(swiftkv_layer: int | None = None, swiftkv_group: int | 
     """The acceleration flags of ``cfic ground`` / ``cfic serve`` -> (GroundingConfig options, ``swiftkv`` argument
     of ``Grounder.from_pretrained``), checked before any model is loaded (bad values raise CficError).
 
-    ``swiftkv``: ``"bundled"`` or a parameter file from ``cfic distill-swiftkv``; its layer and group then set
+    ``swiftkv``: ``"auto"`` (not given: the parameters shipped for the loaded weights, if any), ``"none"``,
+    ``"bundled"`` or a parameter file from ``cfic distill-swiftkv``; its layer and group then set
     ``swiftkv_layer``/``swiftkv_group`` (given explicitly, they must agree — ``Grounder`` checks that)."""
     from pathlib import Path
 
@@ -132,20 +133,21 @@ def acceleration_options(swiftkv_layer: int | None = None, swiftkv_group: int | 
     if layer_skip_warmup is not None:
         options["layer_skip_warmup"] = layer_skip_warmup
     GroundingConfig(**options)  # the type and range checks, one message per bad value
+    named = ("auto", "bundled", "none")
     if swiftkv is not None:
         swiftkv = str(swiftkv)
         if not swiftkv.strip():
-            raise CficError("--swiftkv is empty; pass 'bundled' or a file written by cfic distill-swiftkv")
-        if swiftkv != "bundled" and not Path(swiftkv).expanduser().is_file():
-            raise CficError(f"--swiftkv {swiftkv}: no such file (pass 'bundled' or a file written by "
+            raise CficError("--swiftkv is empty; pass auto, bundled, none or a file written by cfic distill-swiftkv")
+        if swiftkv not in named and not Path(swiftkv).expanduser().is_file():
+            raise CficError(f"--swiftkv {swiftkv}: no such file (pass auto, bundled, none or a file written by "
                             "cfic distill-swiftkv)")
-        if swiftkv != "bundled":
+        if swiftkv not in named:
             swiftkv = str(Path(swiftkv).expanduser())
     elif swiftkv_group not in (None, 1) and swiftkv_layer is None:
         raise CficError("--swiftkv-group (AcrossKV) needs --swiftkv-layer or --swiftkv")
     if layer_skip_warmup is not None and not layer_skip:
         raise CficError("--layer-skip-warmup needs --layer-skip")
-    return options, swiftkv
+    return options, "auto" if swiftkv is None else swiftkv
 
 
 # oneDNN and ideep keep a compiled kernel (with its scratch buffers) for every tensor shape they meet, up to 1024 of

@@ -242,11 +242,13 @@ def fit_prior(n_nq: int = 60, n_hotpot: int = 30, n_stage1: int = 400, adapter: 
         if ex.doc_key not in encodings:
             encodings[ex.doc_key] = grounder.encode(list(ex.documents))
         found = question_search(grounder, encodings[ex.doc_key], ex.question, [weights])
-        x.append(abstention_features(found["p_end"], found["signals"], found["searches"][0][1]))
+        feats = abstention_features(found["p_end"], found["signals"], found["searches"][0][1])
+        x.append([feats[f] for f in ABSTENTION_FEATURES])
         y.append(0.0 if ex.answerable else 1.0)
     n_squad = len(x)
     for rec in records:
-        x.append(abstention_features(rec["p_end"], rec["signals"], rec["best"][best_cfg]))
+        feats = abstention_features(rec["p_end"], rec["signals"], rec["best"][best_cfg])
+        x.append([feats[f] for f in ABSTENTION_FEATURES])
         y.append(0.0)
     xa, ya = np.array(x), np.array(y)
     coef, intercept, _, _ = fit_logistic(xa, ya)

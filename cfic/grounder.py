@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from cfic.config import GroundingConfig
-from cfic.decoding.encode import DocumentEncoding, PromptTemplate, encode_documents, encode_question
+from cfic.decoding.encode import DocumentEncoding, PromptTemplate, encode_documents, question_pass
 from cfic.decoding.layerskip import LayerSkip
 from cfic.decoding.prefix import SearchPrior, constrained_prefix_search, end_probability, rank
 from cfic.decoding.runner import LayerRunner
@@ -40,13 +40,20 @@ def bundled_swiftkv(model_name: str) -> str | None:
 
 
 def load_swiftkv(loaded: LoadedModel, swiftkv: str | os.PathLike | SwiftKV | None) -> SwiftKV | None:
-    """Distilled SwiftKV parameters for ``loaded``: a file, ``"bundled"`` (the file shipped for exactly these
-    weights -- with the CFIC adapter merged, its own file -- else the base model's, which the weight-fingerprint check
-    then refuses with a message saying why), an already loaded :class:`SwiftKV`, or None."""
+    """Distilled SwiftKV parameters for ``loaded``: ``"auto"`` (the default: the file shipped for exactly these
+    weights when there is one, else none), ``"bundled"`` (that file -- with the CFIC adapter merged, its own file --
+    else the base model's, which the weight-fingerprint check then refuses with a message saying why), a file, an
+    already loaded :class:`SwiftKV`, or ``None`` / ``"none"`` (off)."""
     if swiftkv is None or isinstance(swiftkv, SwiftKV):
         return swiftkv
     path = swiftkv
-    if str(swiftkv) == "bundled":
+    if str(swiftkv) == "none":
+        return None
+    if str(swiftkv) == "auto":
+        path = bundled_swiftkv(loaded.name)
+        if path is None:
+            return None
+    elif str(swiftkv) == "bundled":
         path = bundled_swiftkv(loaded.name) or bundled_swiftkv(loaded.name.split("+")[0])
         if path is None:
             raise CficError(f"no bundled SwiftKV parameters for {loaded.name}; pass a file from cfic distill-swiftkv")
@@ -137,7 +144,7 @@ class Grounder:
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         adapter: str | os.PathLike | None = "auto",
-        swiftkv: str | os.PathLike | SwiftKV | None = None,
+        swiftkv: str | os.PathLike | SwiftKV | None = "auto",
         **options: Any,
     ) -> Grounder:
         """Load ``model`` (default: the packaged SmolLM2-135M-Instruct) with GroundingConfig ``options``.
@@ -146,14 +153,19 @@ class Grounder:
         turns it off; a path applies that PEFT adapter. An adapter brings the settings fitted with it (its
         ``cfic.json``): the sentence ``prior`` weights, the ``abstention`` model and a span ``threshold``, unless
         they are passed (``prior=None`` runs the pure-LM search, ``abstention=None`` never abstains).
-        ``swiftkv``: distilled SwiftKV parameters (a file written by ``cfic distill-swiftkv``, or ``"bundled"`` for
-        the ones shipped with cfic for the default model); their layer and group set ``swiftkv_layer`` and
-        ``swiftkv_group``. Without it, ``swiftkv_layer=...`` runs zero-training SwiftKV.
+        ``swiftkv``: distilled SwiftKV parameters. ``"auto"`` (default) uses the ones shipped for exactly the
+        loaded weights (the default model with its adapter: measured on nq-200 at -1.0 point of answer recall for a
+        1.66x faster encode, BENCHMARKS.md) and none for other models; ``None`` or ``"none"`` turns SwiftKV off;
+        ``"bundled"`` or a file from ``cfic distill-swiftkv`` insists on those. Their layer and group set
+        ``swiftkv_layer`` and ``swiftkv_group``. ``swiftkv_layer=...`` alone runs zero-training SwiftKV there
+        (then ``"auto"`` stands aside).
         """
         loaded = load_model(model, device=device, dtype=dtype, adapter=adapter)
         for name, value in adapter_settings(loaded.adapter).items():
             options.setdefault(name, value)
         config = GroundingConfig().with_options(**options)
+        if str(swiftkv) == "auto" and (config.swiftkv_layer is not None or config.swiftkv_group != 1):
+            swiftkv = None  # the caller chose a SwiftKV layout of their own
         params = load_swiftkv(loaded, swiftkv)
         return cls(loaded, config, params)
 
@@ -283,12 +295,14 @@ class Grounder:
                           cached_tokens=n_cached if qi == 0 else sum(e.n_tokens for e in encodings))
             signals = self._signals(query, encodings) if use_prior else None
             with torch.inference_mode():
-                spans, p_end_first = self._spans(ids, encodings, cfg, skip_decoding, usage, signals, cancel)
+                spans, p_end_first, probe_logit = self._spans(ids, encodings, cfg, skip_decoding, usage, signals,
+                                                              cancel, probe=cfg.abstention.probe if abstain and
+                                                              cfg.abstention is not None else None)
             evidence = self._rank(spans, encodings, cfg)
             p_none = None
-            if abstain and cfg.abstention is not None and signals is not None:
+            if abstain and cfg.abstention is not None and (signals is not None or not cfg.abstention.needs_signals):
                 best = max((math.log(max(s.score, 1e-30)) for s in spans), default=-50.0)
-                p_none = cfg.abstention.probability(abstention_features(p_end_first, signals, best))
+                p_none = cfg.abstention.probability(abstention_features(p_end_first, signals, best, probe_logit))
                 if p_none >= cfg.abstention.threshold:
                     evidence = []
             usage.input_tokens = sum(e.n_tokens for e in encodings) + len(ids) * sum(len(e.windows) for e in encodings)
@@ -308,11 +322,14 @@ class Grounder:
 
     def _spans(self, query_ids: list[int], encodings: list[DocumentEncoding], cfg: GroundingConfig,
                skip_decoding: bool, usage: Usage, signals: list | None = None,
-               cancel: Callable[[], bool] | None = None) -> tuple[list[_Span], float]:
-        """Spans from every window of every document, and the smallest end-of-evidence probability at the first
-        answer position over all windows (an abstention feature)."""
+               cancel: Callable[[], bool] | None = None, probe: Any = None
+               ) -> tuple[list[_Span], float, float | None]:
+        """Spans from every window of every document, the smallest end-of-evidence probability at the first
+        answer position over all windows and, with an answerability ``probe``, its smallest logit over windows
+        (abstention features)."""
         spans: list[_Span] = []
         p_end_first = 1.0
+        probe_logit: float | None = None
         room = cfg.top_k * (cfg.max_prefix_tokens + 1)
         find_end = skip_decode_span_end if skip_decoding else greedy_span_end
         layer_skip = self._layer_skip(cfg)
@@ -326,8 +343,12 @@ class Grounder:
                 if cancel is not None and cancel():
                     raise GroundingCancelled("grounding cancelled")
                 t0 = time.perf_counter()
-                cache, first = encode_question(self.runner, window, query_ids, room)
+                cache, first, tapped = question_pass(self.runner, window, query_ids, room,
+                                                     None if probe is None else probe.layer)
                 p_end_first = min(p_end_first, end_probability(first, self.template.eos_ids))
+                if tapped is not None:
+                    logit = probe.logit(tapped)
+                    probe_logit = logit if probe_logit is None else min(probe_logit, logit)
                 shared = cache.length
                 prefixes = constrained_prefix_search(self.runner, cache, first, window.trie, cfg.top_k,
                                                      cfg.max_prefix_tokens, layer_skip, search_prior)
@@ -342,7 +363,7 @@ class Grounder:
                     doc_spans.append(_Span(d, end.start, end.end, math.exp(rank(prefix, search_prior)),
                                            end.end_probability))
             spans.extend(_merge_overlapping(doc_spans))
-        return spans, p_end_first
+        return spans, p_end_first, probe_logit
 
     def _rank(self, spans: list[_Span], encodings: list[DocumentEncoding], cfg: GroundingConfig) -> list[Evidence]:
         ranked = sorted(spans, key=lambda s: (-s.score, s.document_index, s.start))

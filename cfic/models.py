@@ -98,7 +98,7 @@ def adapter_settings(adapter: str | os.PathLike | None) -> dict[str, object]:
             out["prior"] = PriorWeights.from_dict(data["prior"]["weights"] if "weights" in data["prior"]
                                                   else data["prior"])
         if isinstance(data.get("abstention"), dict):
-            out["abstention"] = Abstention.from_dict(data["abstention"])
+            out["abstention"] = Abstention.from_dict(data["abstention"], folder=Path(adapter))
     except (ValueError, TypeError, KeyError) as exc:
         raise ModelLoadError(f"{path}: {exc}") from exc
     return out

@@ -24,6 +24,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -93,46 +94,97 @@ class PriorWeights:
         return {k: float(v) for k, v in asdict(self).items()}
 
 
+ABSTENTION_FEATURES = ("log_p_end_first", "max_sentence_cosine", "max_paragraph_cosine", "best_span_log_score")
+PROBE_FEATURE = "answerability_logit"
+KNOWN_FEATURES = (*ABSTENTION_FEATURES, PROBE_FEATURE)
+_SIGNAL_FEATURES = frozenset({"max_sentence_cosine", "max_paragraph_cosine"})
+
+
 @dataclass(frozen=True)
 class Abstention:
-    """Logistic model of P(no evidence) from question-level features (see :func:`abstention_features`)."""
+    """Logistic model of P(no evidence) from named question-level features (:func:`abstention_features`).
+
+    ``probe``: the answerability probe (:mod:`cfic.answerability`) when ``answerability_logit`` is a feature."""
 
     coefficients: tuple[float, ...]
     intercept: float
     threshold: float = 0.5
+    features: tuple[str, ...] = ABSTENTION_FEATURES
+    probe: Any = None
 
-    def probability(self, features: Sequence[float]) -> float:
+    def __post_init__(self) -> None:
+        unknown = [f for f in self.features if f not in KNOWN_FEATURES]
+        if unknown:
+            raise CficError(f"unknown abstention feature(s): {', '.join(unknown)}")
+        if len(self.features) != len(self.coefficients):
+            raise CficError(f"abstention has {len(self.coefficients)} coefficients for {len(self.features)} features")
+        if (PROBE_FEATURE in self.features) != (self.probe is not None):
+            raise CficError(f"the {PROBE_FEATURE!r} feature and the answerability probe come together")
+
+    @property
+    def needs_signals(self) -> bool:
+        """Whether a feature comes from the sentence prior's signals (no prior -> no decision)."""
+        return any(f in _SIGNAL_FEATURES for f in self.features)
+
+    @property
+    def probe_layer(self) -> int | None:
+        return None if self.probe is None else int(self.probe.layer)
+
+    def probability(self, features: Sequence[float] | Mapping[str, float]) -> float:
+        if isinstance(features, Mapping):
+            missing = [f for f in self.features if f not in features]
+            if missing:
+                raise CficError(f"abstention feature(s) not computed: {', '.join(missing)}")
+            features = [features[f] for f in self.features]
         if len(features) != len(self.coefficients):
             raise CficError(f"abstention expects {len(self.coefficients)} features, got {len(features)}")
         z = self.intercept + sum(c * f for c, f in zip(self.coefficients, features, strict=True))
         return 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, z))))
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Abstention:
+    def from_dict(cls, data: Mapping[str, Any], folder: str | Path | None = None) -> Abstention:
+        """``folder``: where a ``probe`` file named in ``data`` lives (the adapter folder)."""
         try:
             coefficients = tuple(float(c) for c in data["coefficients"])
             intercept = float(data["intercept"])
             threshold = float(data.get("threshold", 0.5))
+            features = tuple(str(f) for f in data.get("features", ABSTENTION_FEATURES))
         except (KeyError, TypeError, ValueError) as exc:
             raise CficError(f"bad abstention settings: {exc}") from exc
         if not 0.0 <= threshold <= 1.0:
             raise CficError(f"abstention threshold must lie in [0, 1], got {threshold}")
-        return cls(coefficients, intercept, threshold)
+        probe = None
+        if data.get("probe"):
+            from cfic.answerability import AnswerabilityProbe
+
+            if folder is None:
+                raise CficError("these abstention settings name a probe file; pass the folder that holds it")
+            probe = AnswerabilityProbe.load(Path(folder) / str(data["probe"]))
+        return cls(coefficients, intercept, threshold, features, probe)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"coefficients": list(self.coefficients), "intercept": self.intercept, "threshold": self.threshold}
+        out = {"coefficients": list(self.coefficients), "intercept": self.intercept, "threshold": self.threshold,
+               "features": list(self.features)}
+        if self.probe is not None:
+            from cfic.answerability import PROBE_FILE
+
+            out["probe"] = PROBE_FILE
+        return out
 
 
-ABSTENTION_FEATURES = ("log_p_end_first", "max_sentence_cosine", "max_paragraph_cosine", "best_span_log_score")
-
-
-def abstention_features(p_end_first: float, signals: Sequence[np.ndarray], best_log_score: float) -> list[float]:
+def abstention_features(p_end_first: float, signals: Sequence[np.ndarray] | None, best_log_score: float,
+                        probe_logit: float | None = None) -> dict[str, float]:
     """Question-level features, over all documents: the smallest end-of-evidence probability at the first answer
     position (the adapter is trained to end at once on unanswerable questions), the best sentence and paragraph
-    cosines, and the best span's log score."""
-    max_sentence = max((float(s[:, 0].max()) for s in signals if len(s)), default=0.0)
-    max_paragraph = max((float(s[:, 1].max()) for s in signals if len(s)), default=0.0)
-    return [math.log(max(p_end_first, 1e-9)), max_sentence, max_paragraph, max(best_log_score, -50.0)]
+    cosines (when the prior's ``signals`` are there), the best span's log score, and the answerability probe's
+    smallest logit over windows (the most answerable window decides)."""
+    out = {"log_p_end_first": math.log(max(p_end_first, 1e-9)), "best_span_log_score": max(best_log_score, -50.0)}
+    if signals is not None:
+        out["max_sentence_cosine"] = max((float(s[:, 0].max()) for s in signals if len(s)), default=0.0)
+        out["max_paragraph_cosine"] = max((float(s[:, 1].max()) for s in signals if len(s)), default=0.0)
+    if probe_logit is not None:
+        out[PROBE_FEATURE] = probe_logit
+    return out
 
 
 def paragraph_bounds(text: str) -> list[tuple[int, int]]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -299,14 +299,20 @@ def encode_documents(
     return out
 
 
-def encode_question(
-    runner: LayerRunner, window: EncodedWindow, query_ids: Sequence[int], room: int
-) -> tuple[KVCache, torch.Tensor]:
-    """Append the question to a private copy of the window's cache (the encoding itself stays untouched).
+class QuestionPass(NamedTuple):
+    """What the question pass leaves: the query-extended ``cache`` (with free room for decoding), the first answer
+    token's log-probabilities (float32 ``[vocab]``) and, when asked for, the last question token's hidden state
+    leaving layer ``tap_layer`` (float32 ``[hidden]``; the answerability probe reads it)."""
 
-    Returns the query-extended cache (with ``room`` free slots for decoding) and the log-probabilities of the first
-    answer token, float32 ``[vocab]``.
-    """
+    cache: KVCache
+    first: torch.Tensor
+    tapped: torch.Tensor | None
+
+
+def question_pass(
+    runner: LayerRunner, window: EncodedWindow, query_ids: Sequence[int], room: int, tap_layer: int | None = None
+) -> QuestionPass:
+    """Append the question to a private copy of the window's cache (the encoding itself stays untouched)."""
     from cfic.decoding.runner import causal_extension_mask, forward
 
     cache = window.kv.fork(len(query_ids) + room)
@@ -315,5 +321,17 @@ def encode_question(
     positions = torch.arange(start, start + ids.shape[1], device=runner.device).unsqueeze(0)
     mask = causal_extension_mask(start, ids.shape[1], runner.device)
     last = torch.tensor([ids.shape[1] - 1], device=runner.device)  # only the last token's output is read
-    hidden = forward(runner, ids, positions, cache, mask, outputs=last)
-    return cache, torch.log_softmax(runner.logits(hidden[0, -1]), dim=-1)
+    tapped, lower, resume = None, None, 0
+    if tap_layer is not None:
+        lower = forward(runner, ids, positions, cache, mask, stop=tap_layer)
+        tapped, resume = lower[0, -1].float(), tap_layer
+    hidden = forward(runner, ids, positions, cache, mask, outputs=last, start=resume, hidden=lower)
+    return QuestionPass(cache, torch.log_softmax(runner.logits(hidden[0, -1]), dim=-1), tapped)
+
+
+def encode_question(
+    runner: LayerRunner, window: EncodedWindow, query_ids: Sequence[int], room: int
+) -> tuple[KVCache, torch.Tensor]:
+    """:func:`question_pass` without a tap: the query-extended cache and the first answer token's log-probabilities."""
+    qp = question_pass(runner, window, query_ids, room)
+    return qp.cache, qp.first

@@ -285,6 +285,7 @@ def forward(
     run: Tensor | None = None,
     start: int = 0,
     hidden: Tensor | None = None,
+    stop: int | None = None,
 ) -> Tensor:
     """Run the layers over ``input_ids`` ([batch, n]) and return the last hidden states (before the final norm).
 
@@ -295,6 +296,9 @@ def forward(
     schedule (SkipDecode); it must be consistent (see ``decoding.layerskip``).
     ``start``/``hidden``: resume at layer ``start`` from the hidden states entering it (distillation reuses the
     teacher's lower layers); only the cache buffers of layers ``>= start`` are written.
+    ``stop``: run layers ``[start, stop)`` only and return every column's hidden states leaving them, without
+    committing the cache: a second call with ``start=stop, hidden=...`` finishes the pass (the answerability probe
+    reads a middle layer of the question pass this way).
     """
     n = input_ids.shape[1]
     sw = runner.swiftkv
@@ -317,6 +321,11 @@ def forward(
         raise ValueError("forward cannot resume above the SwiftKV layer (its K/V come from that layer's input)")
     if sw is not None and any(p is not None for p in partial[sw.layer:]):
         raise ValueError("a layer schedule may only skip layers below the SwiftKV layer")
+    end = runner.num_layers if stop is None else stop
+    if not start <= end <= runner.num_layers:
+        raise ValueError(f"stop must lie in [{start}, {runner.num_layers}], got {stop}")
+    if stop is not None and (outputs is not None or (sw is not None and stop > sw.layer)):
+        raise ValueError("a pass that stops early returns every column, below the SwiftKV layer")
     narrowing = sw is not None and outputs is not None and sw.layer < runner.num_layers
     if mask is None and any(p is not None for p in partial):
         mask = causal_extension_mask(past, n, hidden.device)
@@ -329,7 +338,7 @@ def forward(
                 cache.keys[s][:, :, past:past + n].zero_()
                 cache.values[s][:, :, past:past + n].zero_()
                 zeroed.add(s)
-    for j in range(start, runner.num_layers):
+    for j in range(start, end):
         if sw is not None and j == sw.layer:
             sw.write_kv(cache, hidden, (cos, sin))
             if outputs is not None:
@@ -351,7 +360,7 @@ def forward(
         if cache is not None:
             cache.rows = None
         hidden = hidden.index_copy(1, rows, out)
-    if cache is not None:
+    if cache is not None and stop is None:
         cache.advance(n)
     if outputs is not None and not narrowing:
         hidden = hidden[:, outputs]

@@ -60,7 +60,7 @@ def evaluate_command(
 
     options, swiftkv = acceleration_options(swiftkv_layer, swiftkv_group, swiftkv, layer_skip, layer_skip_warmup)
     # only options that change something (--layer-skip 0 alone would add a row identical to cfic)
-    changes = swiftkv or options.get("swiftkv_layer") or options.get("layer_skip")
+    changes = swiftkv != "auto" or options.get("swiftkv_layer") or options.get("layer_skip")
     acceleration = {"options": options, "swiftkv": swiftkv} if changes else None
     out = out or f"runs/eval-{dataset}"
     command = _command_line(dataset=dataset, data_file=data_file, limit=limit, seed=seed, methods=methods,

@@ -35,7 +35,7 @@ def test_default_model_grounds_a_real_nq_document(default_grounder):
 
     fitted = json.loads((bundled_adapter() / "cfic.json").read_text())
     assert default_grounder.config.prior == PriorWeights.from_dict(fitted["prior"]["weights"])
-    assert default_grounder.config.abstention == Abstention.from_dict(fitted["abstention"])
+    assert default_grounder.config.abstention == Abstention.from_dict(fitted["abstention"], folder=bundled_adapter())
     assert result.no_evidence_probability is not None and result.no_evidence_probability < 0.5
 
 

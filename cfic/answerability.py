@@ -1,0 +1,99 @@
+"""A linear answerability probe on the LM's own question pass: does anything in this document answer the question?
+
+Why: the question-level features the toolkit had (end-of-evidence probability at the first answer position, the
+best cosines, the best span score) separate SQuAD 2.0's unanswerable questions from answerable ones with AUC 0.54-0.66
+within the training article, so the fitted ``no_evidence`` model never fired (no-evidence accuracy 0.455 = answering
+everything). The LM has already read the whole document when it reads the question; its hidden state at the
+question's last token, in the middle layers, carries whether the document holds the asked fact: a logistic probe on
+it reached grouped cross-validated AUC 0.81-0.85 on the same training questions. A middle layer, below the SwiftKV
+layer, so the state is the same with and without SwiftKV, and it costs one extra split of the question's forward
+pass, nothing else (:func:`cfic.decoding.encode.question_pass`).
+
+The probe is fitted on the training side only (``cfic fit-abstention``) and ships with the adapter whose weights
+produced the states (``cfic/data/adapter/answerability.safetensors``), like the prior's weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cfic.errors import CficError
+
+PROBE_FILE = "answerability.safetensors"
+
+
+@dataclass(frozen=True, eq=False)
+class AnswerabilityProbe:
+    """``logit = coef . (h - mean) / scale + intercept``, positive = *no* evidence, where ``h`` is the last question
+    token's hidden state leaving decoder layer ``layer`` (1-based count of layers run)."""
+
+    layer: int
+    mean: np.ndarray
+    scale: np.ndarray
+    coef: np.ndarray
+    intercept: float
+
+    def __post_init__(self) -> None:
+        if self.layer < 1:
+            raise CficError(f"the answerability probe's layer must be >= 1, got {self.layer}")
+        shapes = {self.mean.shape, self.scale.shape, self.coef.shape}
+        if len(shapes) != 1 or self.mean.ndim != 1:
+            raise CficError(f"answerability probe vectors disagree in shape: {sorted(shapes)}")
+        if not (np.isfinite(self.mean).all() and np.isfinite(self.coef).all() and (self.scale > 0).all()):
+            raise CficError("answerability probe has non-finite weights or a non-positive scale")
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.coef.shape[0])
+
+    @property
+    def digest(self) -> str:
+        h = hashlib.sha256(str(self.layer).encode())
+        for a in (self.mean, self.scale, self.coef, np.array([self.intercept])):
+            h.update(np.ascontiguousarray(a, dtype=np.float32).tobytes())
+        return h.hexdigest()[:16]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, AnswerabilityProbe) and other.digest == self.digest
+
+    def __hash__(self) -> int:
+        return hash(self.digest)
+
+    def logit(self, hidden: torch.Tensor | np.ndarray) -> float:
+        h = hidden.detach().float().cpu().numpy() if isinstance(hidden, torch.Tensor) else np.asarray(hidden)
+        if h.shape != (self.hidden_size,):
+            raise CficError(f"the answerability probe expects a hidden state of size {self.hidden_size}, "
+                            f"got shape {tuple(h.shape)} (was it fitted for another model?)")
+        return float(((h - self.mean) / self.scale) @ self.coef + self.intercept)
+
+    def save(self, path: str | os.PathLike) -> None:
+        from safetensors.numpy import save
+
+        tensors = {name: np.ascontiguousarray(getattr(self, name), dtype=np.float32)
+                   for name in ("mean", "scale", "coef")}
+        meta = {"layer": str(self.layer), "intercept": repr(float(self.intercept)), "format": "cfic-answerability-1"}
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(save(tensors, metadata=meta))
+        os.replace(tmp, path)  # readers see the old probe or the new one
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> AnswerabilityProbe:
+        from safetensors import SafetensorError, safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise CficError(f"answerability probe {path} not found")
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                meta = f.metadata() or {}
+                arrays = {name: f.get_tensor(name) for name in ("mean", "scale", "coef")}
+            return cls(int(meta["layer"]), arrays["mean"], arrays["scale"], arrays["coef"], float(meta["intercept"]))
+        except (OSError, KeyError, ValueError, SafetensorError) as exc:
+            raise CficError(f"unreadable answerability probe {path}: {exc}") from exc

@@ -1,0 +1,237 @@
+"""``cfic fit-abstention``: fit the answerability probe and the ``no_evidence`` threshold on the training side.
+
+Training items (the evaluation splits are never read):
+
+* every SQuAD 2.0 training-side question on its whole article (answerable and unanswerable: SQuAD's unanswerable
+  questions are written against the article, so they are hard negatives about the document's own topics);
+* NQ and HotpotQA training questions twice: on their document (answerable), and on the same document with every
+  passage that holds a gold sentence or the answer removed (no evidence; the remaining passages are same-topic
+  distractors, and for HotpotQA the other retrieved paragraphs).
+
+For each item the question pass runs once and the last question token's hidden state is read after each candidate
+layer (all below the SwiftKV layer, so the probe sees the same state with SwiftKV on or off). Grouped
+cross-validation on these items (a question's two versions, and neighbouring SQuAD questions about the same
+paragraph, stay in one fold) picks the layer; the out-of-fold probabilities pick the threshold with the best mean
+accuracy over the three sources; the final probe is refitted on all items.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import typer
+
+from cfic.errors import CficError
+
+CANDIDATE_LAYERS = (6, 8, 10, 12, 14)
+SQUAD_GROUP = 20  # consecutive SQuAD questions (stored paragraph by paragraph) that share a fold
+FOLDS = 5
+
+
+@dataclass(frozen=True)
+class ProbeItem:
+    source: str
+    group: str
+    question: str
+    documents: tuple[str, ...]
+    doc_key: str
+    no_evidence: bool
+
+
+def without_evidence(document: str, gold: Sequence[tuple[int, int, int]], answers: Sequence[str]) -> str | None:
+    """``document`` with every blank-line separated passage that overlaps a gold sentence or contains an answer
+    removed; None when nothing would be removed or an answer still occurs (no clean negative)."""
+    from cfic.eval.metrics import contains_answer
+
+    blocks, pos = [], 0
+    for part in document.split("\n\n"):
+        blocks.append((pos, pos + len(part), part))
+        pos += len(part) + 2
+    keep = [p for a, b, p in blocks
+            if not any(a < e and b > s for _, s, e in gold) and not contains_answer(p, answers)]
+    text = "\n\n".join(keep)
+    if len(keep) == len(blocks) or not text.strip() or contains_answer(text, answers):
+        return None
+    return text
+
+
+def training_items(n_nq: int, n_hotpot: int, nq_offset: int = 1200, hotpot_offset: int = 55) -> list[ProbeItem]:
+    """SQuAD training questions, then NQ / HotpotQA training questions with and without their evidence.
+    The offsets keep clear of the questions ``cfic fit-prior`` fits the prior on."""
+    from cfic.eval import load_split
+
+    items = [ProbeItem("squad", f"squad-{i // SQUAD_GROUP}", ex.question, ex.documents, ex.doc_key or ex.id,
+                       not ex.answerable)
+             for i, ex in enumerate(load_split("squad", "train"))]
+    for source, offset, n in (("nq", nq_offset, n_nq), ("hotpotqa", hotpot_offset, n_hotpot)):
+        for ex in load_split(source, "train")[offset: offset + n]:
+            negative = without_evidence(ex.documents[0], ex.gold, ex.answers) if len(ex.documents) == 1 else None
+            if negative is None:
+                continue
+            items.append(ProbeItem(source, ex.id, ex.question, ex.documents, ex.id, False))
+            items.append(ProbeItem(source, ex.id, ex.question, (negative,), ex.id + "/no-evidence", True))
+    return items
+
+
+def question_states(grounder: Any, items: Sequence[ProbeItem], layers: Sequence[int],
+                    progress: bool = True) -> np.ndarray:
+    """(items, len(layers), hidden) float32: the last question token's hidden state leaving each layer, first
+    window of the first document (the documents here fit one window)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from cfic.decoding.runner import causal_extension_mask, forward
+
+    runner = grounder.runner
+    out = np.zeros((len(items), len(layers), runner.model.config.hidden_size), dtype=np.float32)
+    key, encodings = None, None
+    with torch.inference_mode():
+        for i, item in enumerate(tqdm(items, desc="question passes", unit="q", disable=not progress)):
+            if item.doc_key != key:
+                key, encodings = item.doc_key, grounder.encode(list(item.documents))
+            window = encodings[0].windows[0]
+            ids = grounder.template.query_ids(grounder.tokenizer, item.question, grounder.config.max_query_tokens)
+            cache = window.kv.fork(len(ids))
+            start = cache.length
+            tokens = torch.tensor([ids], dtype=torch.long, device=runner.device)
+            positions = torch.arange(start, start + len(ids), device=runner.device).unsqueeze(0)
+            mask = causal_extension_mask(start, len(ids), runner.device)
+            hidden, done = None, 0
+            for j, layer in enumerate(layers):
+                hidden = forward(runner, tokens, positions, cache, mask, start=done, hidden=hidden, stop=layer)
+                out[i, j] = hidden[0, -1].float().cpu().numpy()
+                done = layer
+    return out
+
+
+def fold_of(groups: Sequence[str], folds: int = FOLDS, seed: int = 0) -> np.ndarray:
+    names = sorted(set(groups))
+    order = np.random.default_rng(seed).permutation(len(names))
+    fold = {names[k]: int(r % folds) for r, k in enumerate(order)}
+    return np.array([fold[g] for g in groups])
+
+
+def fit_probe(x: np.ndarray, y: np.ndarray, l2: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Balanced, L2-regularised logistic regression on standardised states -> (mean, scale, coef, intercept)."""
+    from cfic.fit_prior import fit_logistic
+
+    coef, intercept, mu, sd = fit_logistic(x.astype(np.float64), y.astype(np.float64), l2=l2, steps=1500)
+    return mu.astype(np.float32), sd.astype(np.float32), (coef * sd).astype(np.float32), intercept + float(
+        (coef * mu).sum())
+
+
+def out_of_fold(x: np.ndarray, y: np.ndarray, folds: np.ndarray, l2: float) -> np.ndarray:
+    """Out-of-fold logits of the probe."""
+    logits = np.zeros(len(y))
+    for f in np.unique(folds):
+        train, test = folds != f, folds == f
+        mu, sd, coef, b = fit_probe(x[train], y[train], l2)
+        logits[test] = ((x[test] - mu) / sd) @ coef + b
+    return logits
+
+
+def auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve (ties count half)."""
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    if not len(pos) or not len(neg):
+        return float("nan")
+    greater = (pos[:, None] > neg[None, :]).mean()
+    ties = (pos[:, None] == neg[None, :]).mean()
+    return float(greater + 0.5 * ties)
+
+
+def choose_threshold(probabilities: np.ndarray, labels: np.ndarray, sources: np.ndarray) -> tuple[float, dict]:
+    """The P(no evidence) threshold with the best mean over sources of the decision accuracy (each source counts
+    once, however many items it has); ties go to the highest threshold (abstain as little as possible)."""
+    names = sorted(set(sources.tolist()))
+
+    def accuracy(t: float) -> dict[str, float]:
+        return {s: float(np.mean((probabilities[sources == s] >= t) == (labels[sources == s] == 1))) for s in names}
+
+    candidates = sorted({1.0, *(float(p) for p in probabilities)})
+    best = max(candidates, key=lambda t: (float(np.mean(list(accuracy(t).values()))), t))
+    return best, accuracy(best)
+
+
+def fit_abstention(n_nq: int = 130, n_hotpot: int = 45, adapter: str | None = None, out: str | None = None,
+                   dtype: str | None = None, l2: float = 0.15, progress: bool = True) -> dict[str, Any]:
+    from cfic.answerability import PROBE_FILE, AnswerabilityProbe
+    from cfic.grounder import Grounder
+    from cfic.models import ADAPTER_SETTINGS, bundled_adapter
+    from cfic.prior import PROBE_FEATURE, Abstention
+
+    adapter_path = Path(adapter) if adapter else bundled_adapter()
+    if adapter_path is None or not (adapter_path / "adapter_config.json").is_file():
+        raise CficError("no adapter to fit abstention for (pass --adapter FOLDER)")
+    t0 = time.time()
+    grounder = Grounder.from_pretrained(None, dtype=dtype, adapter=adapter_path, swiftkv=None, abstention=None)
+    items = training_items(n_nq, n_hotpot)
+    layers = [layer for layer in CANDIDATE_LAYERS if layer < grounder.runner.num_layers] or [1]
+    states = question_states(grounder, items, layers, progress)
+    y = np.array([i.no_evidence for i in items], dtype=np.float64)
+    sources = np.array([i.source for i in items])
+    folds = fold_of([i.group for i in items])
+    per_layer = {}
+    for j, layer in enumerate(layers):
+        logits = out_of_fold(states[:, j], y, folds, l2)
+        per_layer[layer] = {"auc": auc(logits, y), "logits": logits,
+                            "auc_by_source": {s: auc(logits[sources == s], y[sources == s])
+                                              for s in sorted(set(sources.tolist()))}}
+    best_j, best_layer = max(enumerate(layers), key=lambda jl: per_layer[jl[1]]["auc"])
+    oof = per_layer[best_layer]["logits"]
+    threshold, accuracy = choose_threshold(1 / (1 + np.exp(-oof)), y, sources)
+    mu, sd, coef, b = fit_probe(states[:, best_j], y, l2)
+    probe = AnswerabilityProbe(best_layer, mu, sd, coef, b)
+    abstention = Abstention((1.0,), 0.0, threshold, (PROBE_FEATURE,), probe)
+    report = {
+        "features": [PROBE_FEATURE], "layer": best_layer, "threshold": threshold,
+        "cross_validated": {"folds": FOLDS,
+                            "auc_by_layer": {str(k): round(v["auc"], 4) for k, v in per_layer.items()},
+                            "auc_by_source": {s: round(a, 4)
+                                              for s, a in per_layer[best_layer]["auc_by_source"].items()},
+                            "accuracy_by_source": {s: round(a, 4) for s, a in accuracy.items()},
+                            "answer_everything": {s: round(float(np.mean(y[sources == s] == 0)), 4)
+                                                  for s in sorted(set(sources.tolist()))}},
+        "items": {s: int((sources == s).sum()) for s in sorted(set(sources.tolist()))},
+        "no_evidence_items": int(y.sum()), "l2": l2,
+        "source": "training side only: squad train article, nq/hotpotqa train questions with and without evidence",
+        "seconds": round(time.time() - t0, 1),
+    }
+    target_dir = Path(out) if out else adapter_path
+    target_dir.mkdir(parents=True, exist_ok=True)
+    probe.save(target_dir / PROBE_FILE)
+    settings_path = target_dir / ADAPTER_SETTINGS
+    settings = json.loads(settings_path.read_text()) if settings_path.is_file() else {}
+    settings["abstention"] = {**abstention.to_dict(), "fit": report}
+    settings_path.write_text(json.dumps(settings, indent=2) + "\n")
+    return report
+
+
+def fit_abstention_command(
+    nq: Annotated[int, typer.Option("--nq", min=0, help="NQ training questions (each with and without evidence).")]
+    = 130,
+    hotpot: Annotated[int, typer.Option("--hotpot", min=0, help="HotpotQA training questions (likewise).")] = 45,
+    adapter: Annotated[str | None, typer.Option("--adapter", help="Adapter folder (default: the bundled one); its "
+                                                "cfic.json and answerability probe are written.")] = None,
+    out: Annotated[str | None, typer.Option("--out", help="Write cfic.json and the probe to this folder instead.")]
+    = None,
+    dtype: Annotated[str | None, typer.Option("--dtype", help="Model dtype (default: the machine's).")] = None,
+    l2: Annotated[float, typer.Option("--l2", min=0.0, help="L2 penalty of the probe (standardised states).")]
+    = 0.15,
+) -> None:
+    """Fit the answerability probe and the no-evidence threshold on the training side; write them with the adapter."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    try:
+        report = fit_abstention(nq, hotpot, adapter, out, dtype, l2)
+    except CficError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    console.print_json(json.dumps(report))

@@ -1,0 +1,142 @@
+"""The answerability probe: the tapped question state, the probe file, abstention with it, and its fitting."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from test_core_decoding import DOC, QUERY, encoded, window_prompt
+
+from cfic.answerability import PROBE_FILE, AnswerabilityProbe
+from cfic.decoding.encode import encode_question, question_pass
+from cfic.errors import CficError, ModelLoadError
+from cfic.fit_abstention import auc, choose_threshold, fold_of, out_of_fold, without_evidence
+from cfic.grounder import Grounder
+from cfic.models import adapter_settings
+from cfic.prior import PROBE_FEATURE, Abstention
+
+pytestmark = pytest.mark.numerics
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_grounder):
+    return encoded(tiny_grounder)
+
+
+def constant_probe(hidden: int, logit: float, layer: int = 1) -> AnswerabilityProbe:
+    return AnswerabilityProbe(layer, np.zeros(hidden, np.float32), np.ones(hidden, np.float32),
+                              np.zeros(hidden, np.float32), logit)
+
+
+def test_the_tapped_state_is_the_models_hidden_state_after_that_layer(setup):
+    g, enc, window, q_ids = setup
+    prompt = window_prompt(g, enc, window) + q_ids
+    with torch.inference_mode():
+        ref = g.loaded.model(input_ids=torch.tensor([prompt]), output_hidden_states=True).hidden_states
+        tapped = question_pass(g.runner, window, q_ids, 8, tap_layer=1)
+        plain_cache, plain_first = encode_question(g.runner, window, q_ids, 8)
+    torch.testing.assert_close(tapped.tapped, ref[1][0, -1].float(), atol=1e-4, rtol=1e-4)
+    # splitting the pass at the tap changes nothing downstream: same first-token distribution, same cache
+    torch.testing.assert_close(tapped.first, plain_first, atol=1e-5, rtol=0)
+    assert tapped.cache.length == plain_cache.length
+    torch.testing.assert_close(tapped.cache.keys[-1][:, :, :plain_cache.length],
+                               plain_cache.keys[-1][:, :, :plain_cache.length])
+
+
+def test_probe_file_round_trip_and_refusals(tmp_path):
+    rng = np.random.default_rng(0)
+    probe = AnswerabilityProbe(3, rng.normal(size=8).astype(np.float32), np.abs(rng.normal(size=8)).astype(
+        np.float32) + 0.1, rng.normal(size=8).astype(np.float32), -0.25)
+    probe.save(tmp_path / PROBE_FILE)
+    loaded = AnswerabilityProbe.load(tmp_path / PROBE_FILE)
+    assert loaded == probe and loaded.layer == 3
+    h = rng.normal(size=8).astype(np.float32)
+    expected = float(((h - probe.mean) / probe.scale) @ probe.coef - 0.25)
+    assert loaded.logit(torch.from_numpy(h)) == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(CficError, match="hidden state of size 8"):
+        loaded.logit(np.zeros(5))
+    with pytest.raises(CficError, match="not found"):
+        AnswerabilityProbe.load(tmp_path / "missing.safetensors")
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CficError, match="unreadable"):
+        AnswerabilityProbe.load(tmp_path / "bad.safetensors")
+    with pytest.raises(CficError):
+        AnswerabilityProbe(1, np.zeros(4), np.zeros(4), np.zeros(4), 0.0)  # a zero scale
+
+
+def test_grounder_abstains_by_the_probe_even_without_a_prior(tiny_loaded):
+    hidden = tiny_loaded.model.config.hidden_size
+    for logit, expect_none in ((40.0, True), (-40.0, False)):
+        abstention = Abstention((1.0,), 0.0, 0.5, (PROBE_FEATURE,), constant_probe(hidden, logit))
+        g = Grounder(tiny_loaded, Grounder(tiny_loaded).config.with_options(abstention=abstention))
+        r = g.ground(QUERY, [DOC])
+        assert r.no_evidence is expect_none and bool(r.evidence) is not expect_none
+        assert r.no_evidence_probability == pytest.approx(1.0 if expect_none else 0.0, abs=1e-9)
+        assert g.ground(QUERY, [DOC], abstain=False).evidence
+
+
+def test_the_probe_reads_the_state_of_the_most_answerable_window(tiny_loaded):
+    """Two documents: the question-level logit is the smallest over windows, so one answerable document is enough."""
+    hidden = tiny_loaded.model.config.hidden_size
+    g0 = Grounder(tiny_loaded)
+    encs = g0.encode([DOC, "Cats sleep most of the day. They purr when content."])
+    q_ids = g0.template.query_ids(g0.tokenizer, QUERY, g0.config.max_query_tokens)
+    with torch.inference_mode():
+        states = [question_pass(g0.runner, e.windows[0], q_ids, 8, tap_layer=2).tapped for e in encs]
+    direction = (states[0] - states[1]).numpy()
+    direction = direction * 4.0 / float(direction @ direction)  # the two states' logits differ by 4
+    middle = float((states[0] + states[1]).numpy() @ direction) / 2
+    probe = AnswerabilityProbe(2, np.zeros(hidden, np.float32), np.ones(hidden, np.float32),
+                               direction.astype(np.float32), -middle)
+    logits = [probe.logit(s) for s in states]
+    assert logits == pytest.approx([2.0, -2.0], abs=1e-3)
+    abstention = Abstention((1.0,), 0.0, 0.5, (PROBE_FEATURE,), probe)
+    g = Grounder(tiny_loaded, g0.config.with_options(abstention=abstention))
+    expected = 1 / (1 + np.exp(-min(logits)))
+    assert g.ground(QUERY, encs).no_evidence_probability == pytest.approx(expected, rel=1e-4)
+
+
+def test_adapter_settings_load_the_probe_named_in_cfic_json(tmp_path):
+    probe = constant_probe(16, 0.5, layer=2)
+    probe.save(tmp_path / PROBE_FILE)
+    abstention = Abstention((1.0,), 0.0, 0.7, (PROBE_FEATURE,), probe)
+    (tmp_path / "cfic.json").write_text(json.dumps({"abstention": abstention.to_dict()}))
+    got = adapter_settings(tmp_path)["abstention"]
+    assert got == abstention and got.probe_layer == 2 and not got.needs_signals
+    (tmp_path / PROBE_FILE).unlink()
+    with pytest.raises(ModelLoadError, match="not found"):
+        adapter_settings(tmp_path)
+    with pytest.raises(CficError, match="come together"):
+        Abstention((1.0,), 0.0, 0.5, (PROBE_FEATURE,), None)
+    with pytest.raises(CficError, match="unknown abstention feature"):
+        Abstention((1.0,), 0.0, 0.5, ("made_up",))
+
+
+def test_removing_the_evidence_keeps_only_passages_without_gold_or_answer():
+    doc = "Title: A\nParis is in France.\n\nTitle: B\nThe Seine flows there.\n\nTitle: C\nRome is in Italy."
+    gold = [(0, doc.index("Paris"), doc.index("France.") + 7)]
+    assert without_evidence(doc, gold, ["France"]) == "Title: B\nThe Seine flows there.\n\nTitle: C\nRome is in Italy."
+    assert without_evidence(doc, gold, ["Italy"]) == "Title: B\nThe Seine flows there."  # the answer goes too
+    assert without_evidence(doc, [], ["Berlin"]) is None  # nothing removed: no clean negative
+    assert without_evidence(doc, gold, ["flows"]) == "Title: C\nRome is in Italy."
+
+
+def test_cross_validated_probe_separates_a_planted_direction_and_the_threshold_balances_sources():
+    rng = np.random.default_rng(1)
+    n, dim = 240, 32
+    y = (rng.random(n) < 0.5).astype(float)
+    x = rng.normal(size=(n, dim))
+    x[:, 5] += 2.5 * y  # the planted answerability direction
+    groups = [f"g{i // 2}" for i in range(n)]
+    folds = fold_of(groups)
+    assert all(len(set(folds[i: i + 2])) == 1 for i in range(0, n, 2))  # a group stays in one fold
+    logits = out_of_fold(x, y, folds, l2=0.15)
+    assert auc(logits, y) > 0.9
+    assert auc(rng.normal(size=n), y) < 0.7
+    sources = np.array(["a"] * 200 + ["b"] * 40)
+    probs = 1 / (1 + np.exp(-logits))
+    t, acc = choose_threshold(probs, y, sources)
+    assert set(acc) == {"a", "b"} and min(acc.values()) > 0.75
+    assert 0.0 < t < 1.0
