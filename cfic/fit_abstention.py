@@ -110,6 +110,28 @@ def question_states(grounder: Any, items: Sequence[ProbeItem], layers: Sequence[
     return out
 
 
+def cached_question_states(grounder: Any, items: Sequence[ProbeItem], layers: Sequence[int], cache: Path | None,
+                           adapter: Path, progress: bool = True) -> np.ndarray:
+    """:func:`question_states`, kept in ``cache`` (an ``.npz``) keyed by the model, the items and the layers, so
+    refitting the threshold rule or the penalty does not rerun half an hour of question passes."""
+    import hashlib
+
+    weights = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(adapter.glob("adapter_model*")))).hexdigest()
+    key = hashlib.sha256(repr((grounder.model_name, weights, list(layers),
+                               [(i.source, i.doc_key, i.question) for i in items])).encode()).hexdigest()[:16]
+    if cache is not None and cache.is_file():
+        with np.load(cache) as saved:
+            if str(saved["key"]) == key:
+                return saved["states"]
+    states = question_states(grounder, items, layers, progress)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(cache.name + ".tmp.npz")
+        np.savez(tmp, key=np.array(key), states=states)
+        tmp.replace(cache)
+    return states
+
+
 def fold_of(groups: Sequence[str], folds: int = FOLDS, seed: int = 0) -> np.ndarray:
     names = sorted(set(groups))
     order = np.random.default_rng(seed).permutation(len(names))
@@ -160,7 +182,8 @@ def choose_threshold(probabilities: np.ndarray, labels: np.ndarray, sources: np.
 
 
 def fit_abstention(n_nq: int = 130, n_hotpot: int = 45, adapter: str | None = None, out: str | None = None,
-                   dtype: str | None = None, l2: float = 0.15, progress: bool = True) -> dict[str, Any]:
+                   dtype: str | None = None, l2: float = 0.15, progress: bool = True,
+                   cache: Path | None = None) -> dict[str, Any]:
     from cfic.answerability import PROBE_FILE, AnswerabilityProbe
     from cfic.grounder import Grounder
     from cfic.models import ADAPTER_SETTINGS, bundled_adapter
@@ -173,7 +196,7 @@ def fit_abstention(n_nq: int = 130, n_hotpot: int = 45, adapter: str | None = No
     grounder = Grounder.from_pretrained(None, dtype=dtype, adapter=adapter_path, swiftkv=None, abstention=None)
     items = training_items(n_nq, n_hotpot)
     layers = [layer for layer in CANDIDATE_LAYERS if layer < grounder.runner.num_layers] or [1]
-    states = question_states(grounder, items, layers, progress)
+    states = cached_question_states(grounder, items, layers, cache, adapter_path, progress)
     y = np.array([i.no_evidence for i in items], dtype=np.float64)
     sources = np.array([i.source for i in items])
     folds = fold_of([i.group for i in items])
@@ -224,13 +247,16 @@ def fit_abstention_command(
     dtype: Annotated[str | None, typer.Option("--dtype", help="Model dtype (default: the machine's).")] = None,
     l2: Annotated[float, typer.Option("--l2", min=0.0, help="L2 penalty of the probe (standardised states).")]
     = 0.15,
+    cache: Annotated[Path | None, typer.Option("--cache", help="Keep the question passes' hidden states in this .npz "
+                                               "and reuse them when model, adapter and items are unchanged.")]
+    = None,
 ) -> None:
     """Fit the answerability probe and the no-evidence threshold on the training side; write them with the adapter."""
     from rich.console import Console
 
     console = Console(stderr=True)
     try:
-        report = fit_abstention(nq, hotpot, adapter, out, dtype, l2)
+        report = fit_abstention(nq, hotpot, adapter, out, dtype, l2, cache=cache)
     except CficError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
