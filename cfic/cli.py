@@ -93,6 +93,8 @@ def ground(
     layer_skip_warmup: LayerSkipWarmupOpt = None,
     no_prior: Annotated[bool, typer.Option(
         "--no-prior", help="Pure-LM prefix search (no sentence prior, no abstention): the paper's method.")] = False,
+    no_abstain: Annotated[bool, typer.Option(
+        "--no-abstain", help="Always print evidence; still show the abstention model's P(no evidence).")] = False,
 ) -> None:
     """Print verbatim evidence for QUERY from FILES."""
     from cfic.config import acceleration_options
@@ -111,7 +113,7 @@ def ground(
         options |= {"prior": None, "abstention": None}
     grounder = Grounder.from_pretrained(model, device=device, dtype=dtype, adapter=adapter_arg, swiftkv=swiftkv,
                                         **options)
-    result = grounder.ground(query, documents, top_k=top_k, threshold=threshold)
+    result = grounder.ground(query, documents, top_k=top_k, threshold=threshold, abstain=not no_abstain)
     if json_out:
         from cfic.types import ground_json
 
@@ -132,9 +134,10 @@ def ground(
         )
         console.print(ev.text, markup=False, highlight=False)
         console.print()
-    console.print(
-        f"[dim]{result.usage.input_tokens} input tokens, {result.usage.latency_ms:.0f} ms, model {result.model}[/dim]"
-    )
+    p_none = ("" if result.no_evidence_probability is None
+              else f", P(no evidence) {result.no_evidence_probability:.2f}")
+    console.print(f"[dim]{result.usage.input_tokens} input tokens, {result.usage.latency_ms:.0f} ms, model "
+                  f"{result.model}{p_none}[/dim]")
 
 
 @app.command()

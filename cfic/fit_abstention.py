@@ -9,10 +9,14 @@ Training items (the evaluation splits are never read):
   distractors, and for HotpotQA the other retrieved paragraphs).
 
 For each item the question pass runs once and the last question token's hidden state is read after each candidate
-layer (all below the SwiftKV layer, so the probe sees the same state with SwiftKV on or off). Grouped
-cross-validation on these items (a question's two versions, and neighbouring SQuAD questions about the same
-paragraph, stay in one fold) picks the layer; the out-of-fold probabilities pick the threshold with the best mean
-accuracy over the three sources; the final probe is refitted on all items.
+layer (all below the SwiftKV layer, so the probe sees the same state with SwiftKV on or off). The probe is fitted on
+the SQuAD items only (``--probe-sources``): fitted on all three sources it learnt which *corpus* a document came from
+(every SQuAD item shares one article) instead of whether it answers, and its single threshold abstained on every
+answerable NQ question (cross-validated). The NQ/HotpotQA items then only calibrate the threshold, as documents the
+probe never saw. Grouped cross-validation on the SQuAD items (neighbouring questions about the same paragraph stay
+in one fold) picks the layer; the out-of-fold probabilities (SQuAD) and the held-out ones (NQ/HotpotQA) pick the
+threshold with the best mean accuracy over the three sources among those that abstain on at most 10% of any
+source's answerable questions (``--max-false-abstention``); the final probe is refitted on all SQuAD items.
 """
 
 from __future__ import annotations
@@ -168,22 +172,35 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float(greater + 0.5 * ties)
 
 
-def choose_threshold(probabilities: np.ndarray, labels: np.ndarray, sources: np.ndarray) -> tuple[float, dict]:
+def false_abstention(probabilities: np.ndarray, labels: np.ndarray, sources: np.ndarray, t: float) -> float:
+    """The largest share, over sources, of answerable items that threshold ``t`` would abstain on."""
+    rates = [float(np.mean(probabilities[(sources == s) & (labels == 0)] >= t))
+             for s in sorted(set(sources.tolist())) if ((sources == s) & (labels == 0)).any()]
+    return max(rates, default=0.0)
+
+
+def choose_threshold(probabilities: np.ndarray, labels: np.ndarray, sources: np.ndarray,
+                     max_false_abstention: float | None = None) -> tuple[float, dict]:
     """The P(no evidence) threshold with the best mean over sources of the decision accuracy (each source counts
-    once, however many items it has); ties go to the highest threshold (abstain as little as possible)."""
+    once, however many items it has), among those that abstain on at most ``max_false_abstention`` of any
+    source's answerable items (a lost answer costs a user more than an unneeded span); ties go to the highest
+    threshold (abstain as little as possible)."""
     names = sorted(set(sources.tolist()))
 
     def accuracy(t: float) -> dict[str, float]:
         return {s: float(np.mean((probabilities[sources == s] >= t) == (labels[sources == s] == 1))) for s in names}
 
-    candidates = sorted({1.0, *(float(p) for p in probabilities)})
+    candidates = [t for t in sorted({1.0, *(float(p) for p in probabilities)})
+                  if max_false_abstention is None
+                  or false_abstention(probabilities, labels, sources, t) <= max_false_abstention]
     best = max(candidates, key=lambda t: (float(np.mean(list(accuracy(t).values()))), t))
     return best, accuracy(best)
 
 
 def fit_abstention(n_nq: int = 130, n_hotpot: int = 45, adapter: str | None = None, out: str | None = None,
                    dtype: str | None = None, l2: float = 0.15, progress: bool = True,
-                   cache: Path | None = None) -> dict[str, Any]:
+                   cache: Path | None = None, max_false_abstention: float | None = 0.1,
+                   probe_sources: Sequence[str] = ("squad",)) -> dict[str, Any]:
     from cfic.answerability import PROBE_FILE, AnswerabilityProbe
     from cfic.grounder import Grounder
     from cfic.models import ADAPTER_SETTINGS, bundled_adapter
@@ -200,16 +217,30 @@ def fit_abstention(n_nq: int = 130, n_hotpot: int = 45, adapter: str | None = No
     y = np.array([i.no_evidence for i in items], dtype=np.float64)
     sources = np.array([i.source for i in items])
     folds = fold_of([i.group for i in items])
+    fit_on = np.isin(sources, list(probe_sources))
+    if not fit_on.any() or len(set(y[fit_on].tolist())) < 2:
+        raise CficError(f"no answerable and unanswerable items from {', '.join(probe_sources)} to fit the probe on")
     per_layer = {}
     for j, layer in enumerate(layers):
-        logits = out_of_fold(states[:, j], y, folds, l2)
-        per_layer[layer] = {"auc": auc(logits, y), "logits": logits,
+        logits = np.zeros(len(y))
+        logits[fit_on] = out_of_fold(states[fit_on, j], y[fit_on], folds[fit_on], l2)
+        if (~fit_on).any():  # the other sources only calibrate the threshold: the probe never saw them
+            mu, sd, coef, b = fit_probe(states[fit_on, j], y[fit_on], l2)
+            logits[~fit_on] = ((states[~fit_on, j] - mu) / sd) @ coef + b
+        per_layer[layer] = {"auc": auc(logits[fit_on], y[fit_on]), "logits": logits,
                             "auc_by_source": {s: auc(logits[sources == s], y[sources == s])
                                               for s in sorted(set(sources.tolist()))}}
     best_j, best_layer = max(enumerate(layers), key=lambda jl: per_layer[jl[1]]["auc"])
     oof = per_layer[best_layer]["logits"]
-    threshold, accuracy = choose_threshold(1 / (1 + np.exp(-oof)), y, sources)
-    mu, sd, coef, b = fit_probe(states[:, best_j], y, l2)
+    oof_p = 1 / (1 + np.exp(-oof))
+    threshold, accuracy = choose_threshold(oof_p, y, sources, max_false_abstention)
+    alternatives = {}
+    for cap in (0.02, 0.05, 0.1, 0.2, 0.3, None):
+        t, acc = choose_threshold(oof_p, y, sources, cap)
+        alternatives["none" if cap is None else str(cap)] = {
+            "threshold": round(t, 4), "accuracy_by_source": {k: round(v, 4) for k, v in acc.items()},
+            "false_abstention": round(false_abstention(oof_p, y, sources, t), 4)}
+    mu, sd, coef, b = fit_probe(states[fit_on, best_j], y[fit_on], l2)
     probe = AnswerabilityProbe(best_layer, mu, sd, coef, b)
     abstention = Abstention((1.0,), 0.0, threshold, (PROBE_FEATURE,), probe)
     report = {
@@ -219,10 +250,13 @@ def fit_abstention(n_nq: int = 130, n_hotpot: int = 45, adapter: str | None = No
                             "auc_by_source": {s: round(a, 4)
                                               for s, a in per_layer[best_layer]["auc_by_source"].items()},
                             "accuracy_by_source": {s: round(a, 4) for s, a in accuracy.items()},
+                            "false_abstention": round(false_abstention(oof_p, y, sources, threshold), 4),
+                            "by_false_abstention_cap": alternatives,
                             "answer_everything": {s: round(float(np.mean(y[sources == s] == 0)), 4)
                                                   for s in sorted(set(sources.tolist()))}},
         "items": {s: int((sources == s).sum()) for s in sorted(set(sources.tolist()))},
-        "no_evidence_items": int(y.sum()), "l2": l2,
+        "probe_sources": list(probe_sources), "no_evidence_items": int(y.sum()), "l2": l2,
+        "max_false_abstention": max_false_abstention,
         "source": "training side only: squad train article, nq/hotpotqa train questions with and without evidence",
         "seconds": round(time.time() - t0, 1),
     }
@@ -247,6 +281,13 @@ def fit_abstention_command(
     dtype: Annotated[str | None, typer.Option("--dtype", help="Model dtype (default: the machine's).")] = None,
     l2: Annotated[float, typer.Option("--l2", min=0.0, help="L2 penalty of the probe (standardised states).")]
     = 0.15,
+    max_false_abstention: Annotated[float, typer.Option(
+        "--max-false-abstention", min=0.0, max=1.0,
+        help="Abstain on at most this share of any source's answerable training questions (cross-validated); "
+             "1 lets accuracy alone choose.")] = 0.1,
+    probe_sources: Annotated[str, typer.Option(
+        "--probe-sources", help="Comma-separated sources the probe is fitted on (squad, nq, hotpotqa); the others "
+                                "only calibrate the threshold.")] = "squad",
     cache: Annotated[Path | None, typer.Option("--cache", help="Keep the question passes' hidden states in this .npz "
                                                "and reuse them when model, adapter and items are unchanged.")]
     = None,
@@ -256,7 +297,9 @@ def fit_abstention_command(
 
     console = Console(stderr=True)
     try:
-        report = fit_abstention(nq, hotpot, adapter, out, dtype, l2, cache=cache)
+        report = fit_abstention(nq, hotpot, adapter, out, dtype, l2, cache=cache,
+                                max_false_abstention=max_false_abstention,
+                                probe_sources=tuple(x.strip() for x in probe_sources.split(",") if x.strip()))
     except CficError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc

@@ -251,7 +251,8 @@ class Grounder:
         """Evidence for ``query``: at most ``top_k`` verbatim spans ranked by score across all documents.
 
         ``use_prior=False`` runs the pure-LM prefix search even when the configuration has a prior (the
-        ablation); ``abstain=False`` skips the ``no_evidence`` model. ``cancel`` is asked between encode batches
+        ablation); ``abstain=False`` still reports the ``no_evidence`` model's probability but always returns the
+        evidence (to study the decision, as ``cfic evaluate`` does). ``cancel`` is asked between encode batches
         and between windows; True stops with :class:`~cfic.errors.GroundingCancelled`."""
         return self.ground_batch([query], documents, top_k=top_k, max_span_tokens=max_span_tokens,
                                  threshold=threshold, skip_decoding=skip_decoding, use_prior=use_prior,
@@ -296,14 +297,14 @@ class Grounder:
             signals = self._signals(query, encodings) if use_prior else None
             with torch.inference_mode():
                 spans, p_end_first, probe_logit = self._spans(ids, encodings, cfg, skip_decoding, usage, signals,
-                                                              cancel, probe=cfg.abstention.probe if abstain and
-                                                              cfg.abstention is not None else None)
+                                                              cancel, probe=cfg.abstention.probe
+                                                              if cfg.abstention is not None else None)
             evidence = self._rank(spans, encodings, cfg)
             p_none = None
-            if abstain and cfg.abstention is not None and (signals is not None or not cfg.abstention.needs_signals):
+            if cfg.abstention is not None and (signals is not None or not cfg.abstention.needs_signals):
                 best = max((math.log(max(s.score, 1e-30)) for s in spans), default=-50.0)
                 p_none = cfg.abstention.probability(abstention_features(p_end_first, signals, best, probe_logit))
-                if p_none >= cfg.abstention.threshold:
+                if abstain and cfg.abstention.abstains(p_none):
                     evidence = []
             usage.input_tokens = sum(e.n_tokens for e in encodings) + len(ids) * sum(len(e.windows) for e in encodings)
             usage.latency_ms = (time.perf_counter() - t1) * 1000 + usage.encode_ms

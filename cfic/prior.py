@@ -130,6 +130,10 @@ class Abstention:
     def probe_layer(self) -> int | None:
         return None if self.probe is None else int(self.probe.layer)
 
+    def abstains(self, probability: float) -> bool:
+        """The ``no_evidence`` decision for a question whose P(no evidence) is ``probability``."""
+        return probability >= self.threshold
+
     def probability(self, features: Sequence[float] | Mapping[str, float]) -> float:
         if isinstance(features, Mapping):
             missing = [f for f in self.features if f not in features]

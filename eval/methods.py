@@ -82,6 +82,10 @@ class MethodOutput:
     stages: dict[str, float] = field(default_factory=dict)
     sentences: int = 0  # sentences chosen, in cfic's units (sets the budget when the method is cfic)
     truncated: bool = False
+    # cfic with an abstention model: its P(no evidence) and whether it abstained. ``spans`` then still hold the
+    # evidence it would have given, so one run also shows what every other threshold would have scored.
+    no_evidence_probability: float | None = None
+    abstained: bool = False
 
 
 class EvalContext:
@@ -233,13 +237,18 @@ class CficMethod(Method):
         return self.grounder(ctx).encode(list(documents))
 
     def run(self, ctx: EvalContext, example: Example, state: Any, budget: Budget) -> MethodOutput:
-        result = self.grounder(ctx).ground(example.question, state, skip_decoding=self.skip_decoding,
-                                           threshold=self.threshold, use_prior=self.use_prior)
+        grounder = self.grounder(ctx)
+        result = grounder.ground(example.question, state, skip_decoding=self.skip_decoding,
+                                 threshold=self.threshold, use_prior=self.use_prior, abstain=False)
         spans = [Span(e.document_index, e.start_char, e.end_char, e.text) for e in result.evidence]
         chosen = {(e.document_index, i) for e in result.evidence
                   for i in range(e.sentence_start, e.sentence_end)}
         stages = {"prefix_ms": result.usage.prefix_ms, "skip_ms": result.usage.skip_ms}
-        return MethodOutput(spans, result.no_evidence, stages, len(chosen))
+        p_none = result.no_evidence_probability
+        abstention = grounder.config.abstention
+        abstained = p_none is not None and abstention is not None and abstention.abstains(p_none)
+        return MethodOutput(spans, result.no_evidence, stages, 0 if abstained else len(chosen),
+                            no_evidence_probability=p_none, abstained=abstained)
 
 
 class ZeroShotCficMethod(CficMethod):

@@ -155,6 +155,8 @@ class ExampleScore:
     pieces: int = 0
     verbatim_pieces: int = 0
     evidence: list[str] | None = None  # the evidence texts, kept for auditing (not for whole documents)
+    no_evidence_probability: float | None = None  # cfic's P(no evidence), when it has an abstention model
+    answered_hit: bool | None = None  # answer_hit of the evidence it would have given had it not abstained
 
 
 def score_example(
@@ -172,10 +174,15 @@ def score_example(
     latency_ms: float,
     stages: dict[str, float] | None = None,
     keep_text: bool = False,
+    no_evidence_probability: float | None = None,
+    answered_spans: Sequence[Span] | None = None,
 ) -> ExampleScore:
-    """Score one method's evidence on one example."""
+    """Score one method's evidence on one example. ``answered_spans``: the evidence an abstaining method would
+    have given (scored as ``answered_hit``)."""
     evidence_text = "\n".join(s.text for s in spans)
     answer_hit = contains_answer(evidence_text, answers) if answerable and answers else None
+    answered = answer_hit if answered_spans is None else (
+        contains_answer("\n".join(s.text for s in answered_spans), answers) if answerable and answers else None)
     verbatim_ok = [is_verbatim(s, documents) for s in spans]
     located = [(s.document_index, s.start, s.end) for s, ok in zip(spans, verbatim_ok, strict=True) if ok]
     prf = sentence_prf(units, gold, located) if answerable and gold else None
@@ -197,6 +204,8 @@ def score_example(
         pieces=len(spans),
         verbatim_pieces=sum(verbatim_ok),
         evidence=[s.text for s in spans] if keep_text else None,
+        no_evidence_probability=no_evidence_probability,
+        answered_hit=answered,
     )
 
 

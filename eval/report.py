@@ -1,5 +1,6 @@
 """Write an evaluation report: ``report.json`` (the numbers), ``report.md`` (a table people can read),
-``recall_vs_tokens.png`` (answer recall against evidence tokens, one point per method) and
+``recall_vs_tokens.png`` (answer recall against evidence tokens, one point per method),
+``abstention_tradeoff.png`` (datasets with unanswerable questions: what each ``no_evidence`` threshold costs) and
 ``examples.jsonl`` (every method's score on every example, for anyone who wants to check a number)."""
 
 from __future__ import annotations
@@ -9,9 +10,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from cfic.errors import CficError
 
 PLOT_NAME = "recall_vs_tokens.png"
+ABSTENTION_PLOT = "abstention_tradeoff.png"
 
 
 def _fmt(value: Any, kind: str = "rate") -> str:
@@ -76,8 +80,72 @@ def markdown_report(report: dict[str, Any]) -> str:
                      f"({100 * (1 - (gen.get('verbatim_piece_rate') or 0)):.1f}% of its output lines)"
                      + (f"; the document was cut to fit the context in {gen['truncated']} examples"
                         if gen.get("truncated") else "") + ".")
+    abstention = report.get("abstention")
+    if abstention:
+        shipped = abstention["shipped"]
+        notes.append(f"Abstention ({abstention['method']}): at the shipped threshold {shipped['threshold']:.3f} "
+                     f"(fitted on training questions) no-evidence accuracy {shipped['no_evidence_accuracy']:.3f}, "
+                     f"answer recall on answerable questions {shipped['answerable_recall']:.3f}, abstained on "
+                     f"{100 * shipped['abstained_on_answerable']:.1f}% of them; every other threshold in "
+                     f"`{ABSTENTION_PLOT}`.")
     parts += ["- " + n for n in notes]
     return "\n".join(parts) + "\n"
+
+
+def abstention_tradeoff(scores: dict[str, Sequence[Any]], threshold: float, method: str = "cfic",
+                        steps: int = 50) -> dict[str, Any]:
+    """What every ``no_evidence`` threshold would have scored in this run (each example's P(no evidence) and the
+    evidence it would have given are recorded): no-evidence accuracy over all questions against answer recall on
+    the answerable ones. Read-only: the shipped threshold is fitted on training questions (``cfic
+    fit-abstention``); this shows where it lands and what the alternatives cost."""
+    rows = [s for s in scores[method] if s.no_evidence_probability is not None]
+    if not rows:
+        return {}
+    p = np.array([s.no_evidence_probability for s in rows])
+    unanswerable = np.array([not s.answerable for s in rows])
+    hit = np.array([bool(s.answered_hit) for s in rows])
+
+    def point(t: float) -> dict[str, float]:
+        abstain = p >= t
+        return {"threshold": round(float(t), 4),
+                "no_evidence_accuracy": round(float(np.mean(abstain == unanswerable)), 4),
+                "answerable_recall": round(float(np.mean(hit[~unanswerable] & ~abstain[~unanswerable])), 4)
+                if (~unanswerable).any() else None,
+                "abstained_on_answerable": round(float(np.mean(abstain[~unanswerable])), 4)
+                if (~unanswerable).any() else None}
+
+    grid = sorted({0.0, 1.01, *np.quantile(p, np.linspace(0, 1, steps)).tolist()})
+    baselines = {name: round(float(np.mean([bool(s.answer_hit) for s in items if s.answerable])), 4)
+                 for name, items in scores.items() if name != method and any(s.answerable for s in items)}
+    return {"method": method, "shipped": point(threshold), "curve": [point(t) for t in grid],
+            "baseline_answerable_recall": baselines}
+
+
+def plot_abstention(report: dict[str, Any], path: Path) -> None:
+    """No-evidence accuracy against answerable recall as the threshold moves, the shipped threshold marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = report["abstention"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    curve = data["curve"]
+    ax.plot([c["answerable_recall"] for c in curve], [c["no_evidence_accuracy"] for c in curve], color="C3",
+            label=f"{data['method']}, threshold varied")
+    shipped = data["shipped"]
+    ax.scatter([shipped["answerable_recall"]], [shipped["no_evidence_accuracy"]], color="C3", s=60, zorder=3,
+               label=f"shipped threshold {shipped['threshold']:.3f}")
+    for i, (name, recall) in enumerate(sorted(data["baseline_answerable_recall"].items())):
+        ax.axvline(recall, color=f"C{i % 3}", ls=":", lw=1, label=f"{name} (never abstains)")
+    ax.set_xlabel("answer recall on answerable questions")
+    ax.set_ylabel("no-evidence accuracy (all questions)")
+    ax.set_title(f"{report['dataset']} (n={report['n']}): abstention trade-off", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
@@ -118,6 +186,9 @@ def write_report(report: dict[str, Any], scores: dict[str, Sequence[Any]] | None
     paths[0].write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     paths[1].write_text(markdown_report(report), encoding="utf-8")
     plot(report, paths[2])
+    if report.get("abstention"):
+        paths.append(out / ABSTENTION_PLOT)
+        plot_abstention(report, paths[-1])
     if scores is not None:
         if "cfic" in scores and len(scores) > 1:
             from cfic.eval.compare import compare, markdown

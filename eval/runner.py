@@ -106,13 +106,15 @@ def run_methods(
             out = method.run(ctx, ex, state, budget)
             run_ms = (time.perf_counter() - t0) * 1000
             stages.update(out.stages)
-            evidence_tokens = sum(ctx.count_tokens([s.text for s in out.spans])) if out.spans else 0
+            spans = [] if out.abstained else out.spans
+            evidence_tokens = sum(ctx.count_tokens([s.text for s in spans])) if spans else 0
             finished[method.name] = score_example(
                 example_id=ex.id, documents=ex.documents, answers=ex.answers, answerable=ex.answerable,
-                gold=ex.gold, units=units, spans=out.spans, no_evidence=out.no_evidence,
+                gold=ex.gold, units=units, spans=spans, no_evidence=out.no_evidence or out.abstained,
                 evidence_tokens=evidence_tokens, document_tokens=doc_tokens,
                 latency_ms=prepare_ms / shares[key] + run_ms, stages=stages,
-                keep_text=method.name != "full-document")
+                keep_text=method.name != "full-document",
+                no_evidence_probability=out.no_evidence_probability, answered_spans=out.spans)
             scores[method.name].append(finished[method.name])
             truncated[method.name] += out.truncated
             if out.truncated:
@@ -222,6 +224,10 @@ def evaluate(
     }
     if acceleration is not None:
         report["acceleration"] = acceleration
+    if with_no_evidence and "cfic" in scores and ctx._grounder is not None and ctx.grounder.config.abstention:
+        from cfic.eval.report import abstention_tradeoff
+
+        report["abstention"] = abstention_tradeoff(scores, ctx.grounder.config.abstention.threshold)
     if command:
         report["command"] = command
     if out is not None:

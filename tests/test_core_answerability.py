@@ -12,7 +12,14 @@ from test_core_decoding import DOC, QUERY, encoded, window_prompt
 from cfic.answerability import PROBE_FILE, AnswerabilityProbe
 from cfic.decoding.encode import encode_question, question_pass
 from cfic.errors import CficError, ModelLoadError
-from cfic.fit_abstention import auc, choose_threshold, fold_of, out_of_fold, without_evidence
+from cfic.fit_abstention import (
+    auc,
+    choose_threshold,
+    false_abstention,
+    fold_of,
+    out_of_fold,
+    without_evidence,
+)
 from cfic.grounder import Grounder
 from cfic.models import adapter_settings
 from cfic.prior import PROBE_FEATURE, Abstention
@@ -74,7 +81,9 @@ def test_grounder_abstains_by_the_probe_even_without_a_prior(tiny_loaded):
         r = g.ground(QUERY, [DOC])
         assert r.no_evidence is expect_none and bool(r.evidence) is not expect_none
         assert r.no_evidence_probability == pytest.approx(1.0 if expect_none else 0.0, abs=1e-9)
-        assert g.ground(QUERY, [DOC], abstain=False).evidence
+        kept = g.ground(QUERY, [DOC], abstain=False)  # the decision is reported, not acted on
+        assert kept.evidence and not kept.no_evidence
+        assert kept.no_evidence_probability == pytest.approx(r.no_evidence_probability, abs=1e-9)
 
 
 def test_the_probe_reads_the_state_of_the_most_answerable_window(tiny_loaded):
@@ -140,3 +149,18 @@ def test_cross_validated_probe_separates_a_planted_direction_and_the_threshold_b
     t, acc = choose_threshold(probs, y, sources)
     assert set(acc) == {"a", "b"} and min(acc.values()) > 0.75
     assert 0.0 < t < 1.0
+
+
+def test_false_abstention_cap_keeps_answerable_questions_answered():
+    rng = np.random.default_rng(2)
+    n = 400
+    y = (rng.random(n) < 0.5).astype(float)
+    probs = 1 / (1 + np.exp(-(1.2 * y - 0.6 + rng.normal(size=n))))  # an overlapping, weak probe
+    sources = np.array(["a", "b"] * (n // 2))
+    free, _ = choose_threshold(probs, y, sources)
+    capped, _ = choose_threshold(probs, y, sources, max_false_abstention=0.05)
+    assert false_abstention(probs, y, sources, capped) <= 0.05
+    assert false_abstention(probs, y, sources, free) > 0.05  # the cap binds on this probe
+    assert capped > free
+    never, _ = choose_threshold(probs, y, sources, max_false_abstention=0.0)
+    assert false_abstention(probs, y, sources, never) == 0.0

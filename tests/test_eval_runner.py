@@ -185,3 +185,38 @@ def test_cli_acceleration_options_are_checked_before_loading_anything(tmp_path):
         result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "o")])
         assert isinstance(result.exception, CficError), args
         assert message in str(result.exception)
+
+
+def test_abstention_is_scored_and_every_threshold_is_reported(tmp_path, tiny_loaded):
+    """SQuAD questions with an abstention model that always says "no evidence": cfic is scored as abstaining, yet the
+    evidence it would have given is kept, so the report shows what never abstaining would have scored."""
+    import numpy as np
+
+    from cfic.answerability import AnswerabilityProbe
+    from cfic.grounder import Grounder
+    from cfic.prior import PROBE_FEATURE, Abstention
+
+    hidden = tiny_loaded.model.config.hidden_size
+    probe = AnswerabilityProbe(1, np.zeros(hidden, np.float32), np.ones(hidden, np.float32),
+                               np.zeros(hidden, np.float32), 3.0)  # P(no evidence) = 0.95 for every question
+    base = Grounder(tiny_loaded)
+    g = Grounder(tiny_loaded, base.config.with_options(
+        abstention=Abstention((1.0,), 0.0, 0.9, (PROBE_FEATURE,), probe), max_span_tokens=32,
+        max_sentence_tokens=32))
+    out = tmp_path / "squad"
+    report = evaluate("squad", limit=8, seed=0, methods="cfic,bm25", grounder=g, progress=False, out=out)
+    rows = [json.loads(line) for line in (out / "examples.jsonl").read_text().splitlines()]
+    cfic = [r for r in rows if r["method"] == "cfic"]
+    assert all(r["no_evidence"] and r["evidence_sentences"] == 0 for r in cfic)
+    assert all(r["no_evidence_probability"] == pytest.approx(1 / (1 + np.exp(-3.0))) for r in cfic)
+    answerable = [r for r in cfic if r["answerable"]]
+    assert answerable and all(r["answer_hit"] is False for r in answerable)
+    tradeoff = report["abstention"]
+    assert tradeoff["shipped"]["abstained_on_answerable"] == 1.0
+    assert tradeoff["shipped"]["answerable_recall"] == 0.0
+    never = max(tradeoff["curve"], key=lambda c: c["threshold"])
+    assert never["abstained_on_answerable"] == 0.0
+    assert never["answerable_recall"] == pytest.approx(np.mean([r["answered_hit"] for r in answerable]))
+    assert never["no_evidence_accuracy"] == pytest.approx(np.mean([r["answerable"] for r in cfic]))
+    assert (out / "abstention_tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Abstention (cfic)" in (out / "report.md").read_text()
