@@ -93,8 +93,9 @@ def ground(
     layer_skip_warmup: LayerSkipWarmupOpt = None,
     no_prior: Annotated[bool, typer.Option(
         "--no-prior", help="Pure-LM prefix search (no sentence prior, no abstention): the paper's method.")] = False,
-    no_abstain: Annotated[bool, typer.Option(
-        "--no-abstain", help="Always print evidence; still show the abstention model's P(no evidence).")] = False,
+    abstain: Annotated[bool | None, typer.Option(
+        "--abstain/--no-abstain", help="Act on the abstention model (default: as the adapter's settings say); "
+                                      "P(no evidence) is shown either way.")] = None,
 ) -> None:
     """Print verbatim evidence for QUERY from FILES."""
     from cfic.config import acceleration_options
@@ -113,7 +114,7 @@ def ground(
         options |= {"prior": None, "abstention": None}
     grounder = Grounder.from_pretrained(model, device=device, dtype=dtype, adapter=adapter_arg, swiftkv=swiftkv,
                                         **options)
-    result = grounder.ground(query, documents, top_k=top_k, threshold=threshold, abstain=not no_abstain)
+    result = grounder.ground(query, documents, top_k=top_k, threshold=threshold, abstain=abstain)
     if json_out:
         from cfic.types import ground_json
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -265,7 +265,9 @@ def fit_abstention(n_nq: int = 130, n_hotpot: int = 45, adapter: str | None = No
     probe.save(target_dir / PROBE_FILE)
     settings_path = target_dir / ADAPTER_SETTINGS
     settings = json.loads(settings_path.read_text()) if settings_path.is_file() else {}
-    settings["abstention"] = {**abstention.to_dict(), "fit": report}
+    # whether the shipped model abstains by default is a decision made on its measured cost; a refit keeps it
+    enabled = bool(settings.get("abstention", {}).get("enabled", True))
+    settings["abstention"] = {**replace(abstention, enabled=enabled).to_dict(), "fit": report}
     settings_path.write_text(json.dumps(settings, indent=2) + "\n")
     return report
 

@@ -245,15 +245,15 @@ class Grounder:
         threshold: float | None = None,
         skip_decoding: bool = True,
         use_prior: bool = True,
-        abstain: bool = True,
+        abstain: bool | None = None,
         cancel: Callable[[], bool] | None = None,
     ) -> GroundingResult:
         """Evidence for ``query``: at most ``top_k`` verbatim spans ranked by score across all documents.
 
         ``use_prior=False`` runs the pure-LM prefix search even when the configuration has a prior (the
-        ablation); ``abstain=False`` still reports the ``no_evidence`` model's probability but always returns the
-        evidence (to study the decision, as ``cfic evaluate`` does). ``cancel`` is asked between encode batches
-        and between windows; True stops with :class:`~cfic.errors.GroundingCancelled`."""
+        ablation); ``abstain`` acts on the ``no_evidence`` model (default: as its settings say, ``enabled``);
+        ``False`` still reports its probability but always returns the evidence. ``cancel`` is asked between
+        encode batches and between windows; True stops with :class:`~cfic.errors.GroundingCancelled`."""
         return self.ground_batch([query], documents, top_k=top_k, max_span_tokens=max_span_tokens,
                                  threshold=threshold, skip_decoding=skip_decoding, use_prior=use_prior,
                                  abstain=abstain, cancel=cancel)[0]
@@ -268,7 +268,7 @@ class Grounder:
         threshold: float | None = None,
         skip_decoding: bool = True,
         use_prior: bool = True,
-        abstain: bool = True,
+        abstain: bool | None = None,
         cancel: Callable[[], bool] | None = None,
     ) -> list[GroundingResult]:
         """Many questions over the same documents: each document is encoded once."""
@@ -304,7 +304,7 @@ class Grounder:
             if cfg.abstention is not None and (signals is not None or not cfg.abstention.needs_signals):
                 best = max((math.log(max(s.score, 1e-30)) for s in spans), default=-50.0)
                 p_none = cfg.abstention.probability(abstention_features(p_end_first, signals, best, probe_logit))
-                if abstain and cfg.abstention.abstains(p_none):
+                if (cfg.abstention.enabled if abstain is None else abstain) and cfg.abstention.abstains(p_none):
                     evidence = []
             usage.input_tokens = sum(e.n_tokens for e in encodings) + len(ids) * sum(len(e.windows) for e in encodings)
             usage.latency_ms = (time.perf_counter() - t1) * 1000 + usage.encode_ms

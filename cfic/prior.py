@@ -111,6 +111,9 @@ class Abstention:
     threshold: float = 0.5
     features: tuple[str, ...] = ABSTENTION_FEATURES
     probe: Any = None
+    # Whether ``ground`` acts on the decision unless told (``abstain=True/False``); P(no evidence) is reported
+    # either way. Off when the shipped model costs more answers than it saves (see the adapter's model card).
+    enabled: bool = True
 
     def __post_init__(self) -> None:
         unknown = [f for f in self.features if f not in KNOWN_FEATURES]
@@ -153,6 +156,9 @@ class Abstention:
             intercept = float(data["intercept"])
             threshold = float(data.get("threshold", 0.5))
             features = tuple(str(f) for f in data.get("features", ABSTENTION_FEATURES))
+            enabled = data.get("enabled", True)
+            if not isinstance(enabled, bool):
+                raise ValueError(f"'enabled' must be true or false, got {enabled!r}")
         except (KeyError, TypeError, ValueError) as exc:
             raise CficError(f"bad abstention settings: {exc}") from exc
         if not 0.0 <= threshold <= 1.0:
@@ -164,11 +170,11 @@ class Abstention:
             if folder is None:
                 raise CficError("these abstention settings name a probe file; pass the folder that holds it")
             probe = AnswerabilityProbe.load(Path(folder) / str(data["probe"]))
-        return cls(coefficients, intercept, threshold, features, probe)
+        return cls(coefficients, intercept, threshold, features, probe, enabled)
 
     def to_dict(self) -> dict[str, Any]:
         out = {"coefficients": list(self.coefficients), "intercept": self.intercept, "threshold": self.threshold,
-               "features": list(self.features)}
+               "features": list(self.features), "enabled": self.enabled}
         if self.probe is not None:
             from cfic.answerability import PROBE_FILE
 

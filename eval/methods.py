@@ -246,7 +246,8 @@ class CficMethod(Method):
         stages = {"prefix_ms": result.usage.prefix_ms, "skip_ms": result.usage.skip_ms}
         p_none = result.no_evidence_probability
         abstention = grounder.config.abstention
-        abstained = p_none is not None and abstention is not None and abstention.abstains(p_none)
+        abstained = (p_none is not None and abstention is not None and abstention.enabled
+                     and abstention.abstains(p_none))
         return MethodOutput(spans, result.no_evidence, stages, 0 if abstained else len(chosen),
                             no_evidence_probability=p_none, abstained=abstained)
 

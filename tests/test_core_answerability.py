@@ -164,3 +164,18 @@ def test_false_abstention_cap_keeps_answerable_questions_answered():
     assert capped > free
     never, _ = choose_threshold(probs, y, sources, max_false_abstention=0.0)
     assert false_abstention(probs, y, sources, never) == 0.0
+
+
+def test_an_abstention_model_shipped_disabled_reports_but_does_not_act_unless_asked(tiny_loaded, tmp_path):
+    hidden = tiny_loaded.model.config.hidden_size
+    off = Abstention((1.0,), 0.0, 0.5, (PROBE_FEATURE,), constant_probe(hidden, 40.0), enabled=False)
+    g = Grounder(tiny_loaded, Grounder(tiny_loaded).config.with_options(abstention=off))
+    r = g.ground(QUERY, [DOC])
+    assert r.evidence and not r.no_evidence and r.no_evidence_probability == pytest.approx(1.0)
+    forced = g.ground(QUERY, [DOC], abstain=True)
+    assert forced.no_evidence and not forced.evidence
+    off.probe.save(tmp_path / PROBE_FILE)
+    data = off.to_dict()
+    assert data["enabled"] is False and Abstention.from_dict(data, folder=tmp_path) == off
+    with pytest.raises(CficError, match="enabled"):
+        Abstention.from_dict({**data, "enabled": "no"}, folder=tmp_path)
