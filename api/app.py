@@ -404,7 +404,7 @@ def create_app(grounder: Any, *, index: Any = None, settings: ServiceSettings | 
         loop = asyncio.get_running_loop()
         job = GroundJob(
             query=body.query, documents=documents, top_k=body.top_k, max_span_tokens=body.max_span_tokens,
-            threshold=body.threshold,
+            threshold=body.threshold, abstain=body.abstain,
             top_documents=getattr(body, "top_documents", None) or settings.index_top_documents,
             deadline=arrived + settings.timeout_s, future=loop.create_future(), loop=loop,
             request_id=request_id,

@@ -123,6 +123,13 @@ class GroundRequest(BaseModel):
         default=None, ge=0.0, le=1.0, allow_inf_nan=False,
         description="Spans scoring below it are dropped; when none remain the response says `no_evidence`.",
     )
+    abstain: bool | None = Field(
+        default=None,
+        description="Act on the abstention model: answer `no_evidence` with no spans when its P(no evidence) is "
+                    "above its fitted threshold. Default: as the model's settings say (the bundled model ships "
+                    "with abstention off, because it costs answers; `no_evidence_probability` is reported either "
+                    "way).",
+    )
 
     @field_validator("query")
     @classmethod

@@ -72,6 +72,7 @@ class GroundJob:
     top_k: int | None
     max_span_tokens: int | None
     threshold: float | None
+    abstain: bool | None
     top_documents: int | None
     deadline: float  # time.monotonic() value
     future: asyncio.Future
@@ -380,7 +381,7 @@ class ModelWorker:
             encodings.append(enc)
         result = self.grounder.ground(job.query, encodings, top_k=job.top_k,
                                       max_span_tokens=job.max_span_tokens, threshold=job.threshold,
-                                      cancel=job.expired)
+                                      abstain=job.abstain, cancel=job.expired)
         return JobOutcome(result, cached_tokens, encode_ms, (picked - job.enqueued) * 1000, job.retrieved)
 
     def _retrieve(self, job: GroundJob) -> tuple[list[Document], list[Retrieved]]:

@@ -120,6 +120,9 @@ class CFICRetriever(BaseRetriever):
     document the index found first."""
     max_span_tokens: int | None = None
     """Longest evidence span in tokens; None uses the grounder's configuration."""
+    abstain: bool | None = None
+    """Return nothing when the abstention model judges that the documents do not answer the query; None
+    follows the model's settings (the bundled model ships with abstention off)."""
     skip_decoding: bool = True
     cache_encodings: bool = True
     """For ``documents``: keep each document's encoding (its KV prefix) for reuse across queries."""
@@ -193,7 +196,7 @@ class CFICRetriever(BaseRetriever):
         require_positive_int("fetch_k", fetch_k)
         grounder = self._grounder()
         options = {"top_k": k, "max_span_tokens": self.max_span_tokens, "threshold": self.threshold,
-                   "skip_decoding": self.skip_decoding}
+                   "abstain": self.abstain, "skip_decoding": self.skip_decoding}
         if self._sources is not None:
             result = grounder.ground(query, self._document_inputs(), **options)
             return _evidence_documents(result, self._sources)[:k]
@@ -250,6 +253,7 @@ class CFICCompressor(BaseDocumentCompressor):
     k: int | None = Field(default=None)
     threshold: float | None = None
     max_span_tokens: int | None = None
+    abstain: bool | None = None
     skip_decoding: bool = True
 
     @model_validator(mode="after")
@@ -270,7 +274,8 @@ class CFICCompressor(BaseDocumentCompressor):
             return []
         grounder = self.grounder if self.grounder is not None else _default_grounder()
         result = grounder.ground(query, sources, top_k=self.k, max_span_tokens=self.max_span_tokens,
-                                 threshold=self.threshold, skip_decoding=self.skip_decoding)
+                                 threshold=self.threshold, abstain=self.abstain,
+                                 skip_decoding=self.skip_decoding)
         return _evidence_documents(result, sources)
 
     async def acompress_documents(

@@ -15,11 +15,13 @@ import httpx
 import pytest
 from conftest import make_tiny_loaded
 from fastapi.testclient import TestClient
+from test_core_answerability import constant_probe
 
 from cfic.api.app import create_app
 from cfic.api.settings import ServiceSettings
 from cfic.errors import CficError, EmptyDocumentError, ModelLoadError
 from cfic.grounder import Grounder
+from cfic.prior import PROBE_FEATURE, Abstention
 
 DOCS = [
     {"id": "normans", "text": "The Normans conquered England in 1066. They built many castles across the land.\n"
@@ -114,6 +116,22 @@ def test_options_are_honoured(client):
     assert len(data["evidence"]) <= 1
     none = client.post("/ground", json={**body, "top_k": 3, "threshold": 1.0}).json()
     assert none["no_evidence"] is True and none["evidence"] == []
+
+
+def test_abstain_acts_on_the_abstention_model_only_when_asked(tiny_loaded):
+    hidden = tiny_loaded.model.config.hidden_size
+    off = Abstention((1.0,), 0.0, 0.5, (PROBE_FEATURE,), constant_probe(hidden, 40.0), enabled=False)
+    grounder = Grounder(tiny_loaded, Grounder(tiny_loaded).config.with_options(abstention=off))
+    body = {"query": "When did the Normans conquer England?", "documents": DOCS}
+    with TestClient(create_app(grounder)) as c:
+        default = c.post("/ground", json=body).json()
+        assert default["evidence"] and not default["no_evidence"]
+        assert default["no_evidence_probability"] == pytest.approx(1.0)
+        asked = c.post("/ground", json={**body, "abstain": True}).json()
+        assert asked["no_evidence"] is True and asked["evidence"] == []
+        assert c.post("/ground", json={**body, "abstain": False}).json()["evidence"] == default["evidence"]
+        refused = c.post("/ground", json={**body, "abstain": "yes"})
+        assert refused.status_code == 422 and "abstain" in refused.text
 
 
 def test_client_supplied_request_ids_are_echoed_when_sane(client):

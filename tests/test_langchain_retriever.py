@@ -11,8 +11,11 @@ import threading
 import pytest
 from langchain_core.documents import Document as LCDocument
 from langchain_core.runnables import RunnableLambda, RunnableParallel, RunnablePassthrough
+from test_core_answerability import constant_probe
 
 from cfic.errors import CficError
+from cfic.grounder import Grounder
+from cfic.prior import PROBE_FEATURE, Abstention
 from cfic.retrieval.embedder import get_embedder
 from cfic.retrieval.index import CorpusIndex
 from cfic.retrieval.langchain import CFICCompressor, CFICRetriever
@@ -190,6 +193,19 @@ def test_compressor_keeps_only_verbatim_evidence(tiny_grounder):
         assert doc.metadata["url"] == {"0": "a", "py": "c"}[doc.metadata["source_id"]]
     assert compressor.compress_documents([], "anything") == []
     assert compressor.compress_documents([LCDocument(page_content="  ")], "anything") == []
+
+
+def test_abstain_is_passed_to_the_grounder(tiny_loaded):
+    hidden = tiny_loaded.model.config.hidden_size
+    off = Abstention((1.0,), 0.0, 0.5, (PROBE_FEATURE,), constant_probe(hidden, 40.0), enabled=False)
+    grounder = Grounder(tiny_loaded, Grounder(tiny_loaded).config.with_options(abstention=off))
+    query = "When did the Normans invade England?"
+    texts = [CORPUS[0]["text"]]
+    assert CFICRetriever.from_documents(texts, grounder=grounder, k=2).invoke(query)
+    assert CFICRetriever.from_documents(texts, grounder=grounder, k=2, abstain=True).invoke(query) == []
+    docs = [LCDocument(page_content=CORPUS[0]["text"])]
+    assert CFICCompressor(grounder=grounder, k=2).compress_documents(docs, query)
+    assert CFICCompressor(grounder=grounder, k=2, abstain=True).compress_documents(docs, query) == []
 
 
 async def test_compressor_in_contextual_compression_retriever(tiny_grounder, corpus_index):
