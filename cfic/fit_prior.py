@@ -1,18 +1,17 @@
-"""``cfic fit-prior``: fit the sentence prior's weights, the LM weight and the abstention model on the training
-splits only, and write them into the adapter's ``cfic.json``.
+"""``cfic fit-prior``: fit the sentence prior's weights and the LM weight on the training splits only, and write
+them into the adapter's ``cfic.json``.
 
-Three stages, each on training-side examples (the evaluation splits are never read):
+Two stages, each on training-side examples (the evaluation splits are never read):
 
 1. *Signal weights* (no LM): the weights of cosine(question, sentence), cosine(question, paragraph), BM25 and the
    answer-type match that put an answer-bearing sentence among the prior's top ``top_k`` most often (NQ and
    HotpotQA train).
-2. *Prior scale and LM weight*: the real constrained prefix search with the prior, over a grid; the objective is
-   the same top-``top_k`` hit rate of the start sentences it picks, averaged over NQ, HotpotQA and the answerable
-   held-out SQuAD training questions (a whole article) so each document shape counts (the pure-LM search is one row
-   of the grid).
-3. *Abstention*: a logistic model of "nothing here answers" from the question-level features
-   (:data:`cfic.prior.ABSTENTION_FEATURES`) on the SQuAD training questions that LoRA training held out
-   (answerable and unanswerable) plus the stage-2 NQ/HotpotQA questions (answerable), at the chosen weights.
+2. *Prior scale and LM weight*: the real constrained prefix search with the prior, over a grid, with the model as
+   it is shipped (adapter merged, SwiftKV as configured); the objective is the same top-``top_k`` hit rate of the
+   start sentences it picks, averaged over NQ, HotpotQA and the answerable held-out SQuAD training questions (a
+   whole article) so each document shape counts (the pure-LM search is one row of the grid).
+
+The abstention model is not fitted here: ``cfic fit-abstention`` owns it, and its settings are left as they are.
 """
 
 from __future__ import annotations
@@ -27,14 +26,14 @@ import numpy as np
 import typer
 
 from cfic.errors import CficError
-from cfic.prior import ABSTENTION_FEATURES, SIGNALS, Abstention, PriorWeights, SentencePrior, abstention_features
+from cfic.prior import SIGNALS, PriorWeights, SentencePrior
 
 SENTENCE_GRID = (0.0, 1.0)
 PARAGRAPH_GRID = (0.0, 0.25, 0.5, 1.0, 2.0)
 BM25_GRID = (0.0, 0.05, 0.1, 0.2, 0.4)
 ANSWER_TYPE_GRID = (0.0, 0.05, 0.1, 0.2, 0.3)
 SCALE_GRID = (5.0, 10.0, 20.0)
-LM_GRID = (0.0, 0.5, 1.0)
+LM_GRID = (0.0, 0.25, 0.5, 1.0)
 
 
 def _answer_mask(sentences, answers) -> np.ndarray:
@@ -62,17 +61,6 @@ def fit_signal_weights(items: list[tuple[np.ndarray, np.ndarray]], k: int) -> tu
     return best, best_rate
 
 
-def abstention_threshold(probabilities: np.ndarray, unanswerable: np.ndarray) -> float:
-    """The P(no evidence) threshold with the most right answer/abstain decisions on the SQuAD training questions;
-    ties go to the highest threshold (abstain as little as possible). 1.0 never abstains below certainty."""
-    candidates = sorted({1.0, *(float(p) for p in probabilities)})
-
-    def accuracy(t: float) -> float:
-        return float(np.mean((probabilities >= t) == (unanswerable == 1)))
-
-    return max(candidates, key=lambda t: (accuracy(t), t))
-
-
 def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-2, steps: int = 3000) -> tuple[np.ndarray, float,
                                                                                                 np.ndarray, np.ndarray]:
     """L2-regularised logistic regression on standardised features (plain gradient descent: 4 features, a few
@@ -89,6 +77,18 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-2, steps: int = 30
         b -= 0.1 * g.mean()
     coef = w / sd
     return coef, float(b - (coef * mu).sum()), mu, sd
+
+
+def _paired_gain(hits: dict[str, dict[tuple[Any, float], list[bool]]], a: tuple[Any, float], b: tuple[Any, float],
+                 resamples: int = 2000, seed: int = 0) -> dict[str, float]:
+    """Objective of setting ``a`` minus setting ``b`` (mean over sources of the top-k hit rate) with a paired
+    bootstrap 95% interval that resamples questions within each source: is the LM's share worth anything?"""
+    rng = np.random.default_rng(seed)
+    diffs = {src: np.array(h[a], dtype=float) - np.array(h[b], dtype=float) for src, h in hits.items()}
+    point = float(np.mean([d.mean() for d in diffs.values()]))
+    boots = [np.mean([d[rng.integers(0, len(d), len(d))].mean() for d in diffs.values()]) for _ in range(resamples)]
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return {"difference": point, "low": float(lo), "high": float(hi)}
 
 
 def question_search(grounder: Any, encodings: list[Any], question: str,
@@ -136,12 +136,13 @@ def fit_prior_command(
     out: Annotated[str | None, typer.Option("--out", help="Write the settings here instead of the adapter.")] = None,
     dtype: Annotated[str | None, typer.Option("--dtype", help="Model dtype (default: the machine's).")] = None,
     squad_questions: Annotated[int, typer.Option("--squad-questions", min=4,
-                                                 help="Held-out SQuAD training questions for stage 3.")] = 200,
+                                                 help="Held-out SQuAD training questions (the stage-2 pool).")] = 200,
     squad_stage2: Annotated[int, typer.Option("--squad-stage2", min=0,
                                               help="Answerable ones among them that also enter stage 2.")] = 30,
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="torch threads.")] = None,
 ) -> None:
-    """Fit the sentence prior, the LM weight and abstention on the training splits; write them to cfic.json."""
+    """Fit the sentence prior and the LM weight on the training splits; write them to cfic.json (the abstention
+    model is `cfic fit-abstention`'s)."""
     from rich.console import Console
 
     console = Console(stderr=True)
@@ -171,6 +172,9 @@ def fit_prior(n_nq: int = 60, n_hotpot: int = 30, n_stage1: int = 400, adapter: 
     grounder = Grounder.from_pretrained(None, dtype=dtype, adapter=adapter_path, threshold=None,
                                         prior=PriorWeights(), abstention=None)
     prior = grounder.sentence_prior
+    if progress:
+        tqdm.write(f"fitting for {grounder.model_name} ({grounder.runner.dtype}, SwiftKV "
+                   f"{'on' if grounder.runner.swiftkv is not None else 'off'})")
     k = grounder.config.top_k
     if threads:
         import torch
@@ -210,7 +214,6 @@ def fit_prior(n_nq: int = 60, n_hotpot: int = 30, n_stage1: int = 400, adapter: 
         return PriorWeights(sentence, paragraph, bm25, lm=cfg[1], answer_type=answer_type)
 
     hits: dict[str, dict[tuple[Any, float], list[bool]]] = {}
-    records: list[dict[str, Any]] = []
     encodings: dict[str, Any] = {}
     squad_keys = {ex.doc_key or ex.id for src, ex in stage2 if src == "squad"}
     for source, ex in tqdm(stage2, desc="stage 2: prior x LM search", unit="q", disable=not progress):
@@ -226,38 +229,13 @@ def fit_prior(n_nq: int = 60, n_hotpot: int = 30, n_stage1: int = 400, adapter: 
         found = question_search(grounder, encs, ex.question, [weights_of(c) for c in configs])
         for cfg, (starts, _) in zip(configs, found["searches"], strict=True):
             hits.setdefault(source, {}).setdefault(cfg, []).append(bool(any(mask[s] for _, s in starts)))
-        if source != "squad":  # answerable questions from outside SQuAD for the abstention fit
-            records.append({"p_end": found["p_end"], "signals": found["signals"],
-                            "best": {c: b for c, (_, b) in zip(configs, found["searches"], strict=True)}})
     by_source = {src: {c: float(np.mean(v)) for c, v in h.items()} for src, h in hits.items()}
     rates = {c: float(np.mean([r[c] for r in by_source.values()])) for c in configs}
     best_cfg = max(configs[:-1], key=lambda c: (rates[c], -c[1]))
     weights = weights_of(best_cfg)
     assert weights is not None
 
-    # ---- stage 3: abstention on held-out SQuAD training questions + the stage-2 questions
-    x, y = [], []
-    encodings = {}
-    for ex in tqdm(calib, desc="stage 3: abstention", unit="q", disable=not progress):
-        if ex.doc_key not in encodings:
-            encodings[ex.doc_key] = grounder.encode(list(ex.documents))
-        found = question_search(grounder, encodings[ex.doc_key], ex.question, [weights])
-        feats = abstention_features(found["p_end"], found["signals"], found["searches"][0][1])
-        x.append([feats[f] for f in ABSTENTION_FEATURES])
-        y.append(0.0 if ex.answerable else 1.0)
-    n_squad = len(x)
-    for rec in records:
-        feats = abstention_features(rec["p_end"], rec["signals"], rec["best"][best_cfg])
-        x.append([feats[f] for f in ABSTENTION_FEATURES])
-        y.append(0.0)
-    xa, ya = np.array(x), np.array(y)
-    coef, intercept, _, _ = fit_logistic(xa, ya)
-    probs = np.array([Abstention(tuple(float(c) for c in coef), intercept).probability(row) for row in xa])
-    threshold = abstention_threshold(probs[:n_squad], ya[:n_squad])
-    abst = Abstention(tuple(float(c) for c in coef), intercept, threshold)
-    squad_acc = float(np.mean((probs[:n_squad] >= threshold) == (ya[:n_squad] == 1)))
-    squad_base = float(np.mean(ya[:n_squad] == 0))
-    others_abstain = float(np.mean(probs[n_squad:] >= threshold)) if len(probs) > n_squad else 0.0
+    paired = _paired_gain(hits, best_cfg, (best_cfg[0], 0.0))
 
     report = {
         "prior": {"weights": weights.to_dict(), "signals": list(SIGNALS),
@@ -267,19 +245,14 @@ def fit_prior(n_nq: int = 60, n_hotpot: int = 30, n_stage1: int = 400, adapter: 
                              "top_k_hit": {f"{c[0]}/{c[1]}": r for c, r in rates.items()},
                              "top_k_hit_by_source": {src: {f"{c[0]}/{c[1]}": r for c, r in rs.items()}
                                                      for src, rs in by_source.items()},
-                             "chosen": {"scale": best_cfg[0], "lm": best_cfg[1]}}},
-        "abstention": {**abst.to_dict(), "features": list(ABSTENTION_FEATURES),
-                       "fit": {"squad_questions": n_squad, "squad_unanswerable": int(ya[:n_squad].sum()),
-                               "squad_decision_accuracy": squad_acc, "squad_answer_everything": squad_base,
-                               "feature_table": {"x": xa.round(5).tolist(), "no_evidence": ya.tolist()},
-                               "answerable_questions_other": len(records),
-                               "abstained_on_answerable_other": others_abstain}},
+                             "chosen": {"scale": best_cfg[0], "lm": best_cfg[1]},
+                             "chosen_minus_prior_only": paired}},
         "source": "training splits only: nq train, hotpotqa train, squad train questions held out of LoRA training",
+        "swiftkv": grounder.runner.swiftkv is not None,
         "seconds": round(time.time() - t_start, 1),
     }
     target = Path(out) if out else adapter_path / ADAPTER_SETTINGS
     settings = json.loads(target.read_text()) if target.is_file() else {}
-    settings.update({"prior": report["prior"], "abstention": report["abstention"], "threshold": None,
-                     "fit_source": report["source"]})
+    settings.update({"prior": report["prior"], "threshold": None, "fit_source": report["source"]})
     target.write_text(json.dumps(settings, indent=2) + "\n")
     return report

@@ -164,13 +164,17 @@ def test_fitting_finds_the_informative_signal_and_separates_classes():
     assert acc > 0.95 and coef[0] > 0 > coef[3]
 
 
-def test_abstention_threshold_maximises_decisions_and_prefers_answering():
-    from cfic.fit_prior import abstention_threshold
+def test_paired_gain_of_two_fit_settings_has_an_interval_around_the_difference():
+    from cfic.fit_prior import _paired_gain
 
-    p = np.array([0.1, 0.2, 0.7, 0.9])
-    assert abstention_threshold(p, np.array([0, 0, 1, 1])) == pytest.approx(0.7)
-    # no threshold separates anything: answer everything (1.0 abstains on nothing below certainty)
-    assert abstention_threshold(np.array([0.3, 0.3]), np.array([0, 0])) == 1.0
+    a, b = ("s", 0.5), ("s", 0.0)
+    hits = {"nq": {a: [True] * 30 + [False] * 10, b: [True] * 20 + [False] * 20},
+            "squad": {a: [True, False] * 10, b: [True, False] * 10}}
+    gain = _paired_gain(hits, a, b)
+    assert gain["difference"] == pytest.approx((0.25 + 0.0) / 2)
+    assert 0.0 < gain["low"] < gain["difference"] < gain["high"]
+    same = _paired_gain(hits, b, b)
+    assert same == {"difference": 0.0, "low": 0.0, "high": 0.0}
 
 
 def test_the_answer_type_signal_marks_sentences_holding_what_the_question_asks_for():
