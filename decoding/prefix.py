@@ -23,8 +23,9 @@ from cfic.decoding.trie import SentenceTrie
 class Prefix:
     """A decoded sentence prefix.
 
-    ``tokens``: the chosen tokens t1..tn. ``positions``: cache positions of t1..t(n-1), the tokens already fed to the
-    model (tn is chosen but not yet fed). ``sentences``: the sentence(s) it identifies once finished.
+    ``tokens``: the chosen tokens t1..tn. ``positions``: cache positions of the tokens already fed to the model, a
+    leading run t1..t(n-1) (tn is chosen but not yet fed; none are fed when the search ran without LM steps).
+    ``sentences``: the sentence(s) it identifies once finished.
     """
 
     node: int
@@ -97,6 +98,7 @@ def constrained_prefix_search(
     max_steps: int,
     layer_skip: LayerSkip | None = None,
     prior: SearchPrior | None = None,
+    lm_steps: bool | None = None,
 ) -> list[Prefix]:
     """Top-k constrained prefix search over ``trie`` after the question in ``cache``.
 
@@ -104,11 +106,19 @@ def constrained_prefix_search(
     decoded tokens appended (positions recorded per prefix). Returns up to ``top_k`` finished prefixes, best first.
     ``layer_skip``: SkipDecode schedule by answer offset (every live prefix has the same length, so one step's tokens
     share one offset). ``prior``: rank prefixes by the LM and a per-sentence prior together (:func:`rank`).
+    ``lm_steps``: feed each step's tokens to the model (default: unless the prior's LM weight is 0 — then the LM's
+    log-probabilities cannot change the ranking, the walk down the trie is the prior's alone and costs no forward
+    pass; the prefixes come back unfed, and skip decoding teacher-forces them with the rest of the span).
     """
+    if lm_steps is None:
+        lm_steps = prior is None or prior.lm_weight != 0.0
+    if not lm_steps and prior is None:
+        raise ValueError("a search without LM steps needs a prior to rank by")
     shared = cache.length  # document + question: seen by every prefix
     masks = TreeMask(shared)
     live = [Prefix(SentenceTrie.ROOT, (), 0.0, ())]
     rows = first_logprobs.unsqueeze(0)
+    unscored = torch.zeros_like(first_logprobs)  # without LM steps: every log-probability weighs 0 in the ranking
     finished: list[Prefix] = []
     for step in range(max_steps + 1):
         candidates = list(finished)
@@ -124,6 +134,9 @@ def constrained_prefix_search(
             finished += [Prefix(p.node, p.tokens, p.logprob_sum, p.positions, (trie.nodes[p.node].sentences[0],),
                                 p.prior) for p in live]
             break
+        if not lm_steps:
+            rows = unscored.expand(len(live), -1)
+            continue
         # Feed each live prefix's newest token; all of them in one packed row.
         start = cache.length
         new_positions = [[start + i] for i in range(len(live))]

@@ -36,15 +36,14 @@ class SpanEnd:
 class _Continuation:
     prefix: Prefix
     start: int
-    tokens: list[int]  # starts with the prefix's last (unfed) token
+    tokens: list[int]  # starts with the prefix's first unfed token
     boundaries: list[int]  # index in ``tokens`` of each sentence's last token
 
 
 def _continuation(prefix: Prefix, start: int, answer_ids: Sequence[Sequence[int]],
                   segment_ids: Sequence[Sequence[int]], last: int, budget: int) -> _Continuation:
     first = list(answer_ids[start])
-    n_fed = len(prefix.tokens) - 1
-    tokens = first[n_fed:]
+    tokens = first[len(prefix.positions):]
     boundaries = [len(tokens) - 1]
     used = len(first)
     for s in range(start + 1, last):
@@ -93,7 +92,7 @@ def skip_decode_span_end(
         histories.append(list(c.prefix.positions))
         new_positions.append(list(range(at, at + n)))
         ids.extend(c.tokens)
-        first_pos = shared + len(c.prefix.tokens) - 1
+        first_pos = shared + len(c.prefix.positions)
         rope.extend(range(first_pos, first_pos + n))
         at += n
     mask = TreeMask(shared).build(histories, new_positions, base + total, runner.device)
@@ -149,7 +148,7 @@ def greedy_span_end(
         new_positions = [[base + j] for j in range(len(live))]
         mask = masks.build([histories[i] for i in live], new_positions, base + len(live), runner.device)
         ids = torch.tensor([[conts[i].tokens[step] for i in live]], device=runner.device)
-        rope = torch.tensor([[shared + len(conts[i].prefix.tokens) - 1 + step for i in live]], device=runner.device)
+        rope = torch.tensor([[shared + len(conts[i].prefix.positions) + step for i in live]], device=runner.device)
         hidden = forward(runner, ids, rope, cache, mask, run=run_for(runner, layer_skip, rope, shared))
         logprobs = torch.log_softmax(runner.logits(hidden[0]), dim=-1)
         for j, i in enumerate(live):

@@ -13,6 +13,7 @@ from test_core_decoding import DOC, QUERY, encoded, hf_logprobs, identifying_dep
 from cfic import GroundingConfig
 from cfic.decoding.encode import encode_question
 from cfic.decoding.prefix import SearchPrior, constrained_prefix_search, rank
+from cfic.decoding.skip import candidates, skip_decode_span_end
 from cfic.errors import ModelLoadError
 from cfic.fit_prior import fit_logistic, fit_signal_weights, top_hit
 from cfic.grounder import Grounder
@@ -68,6 +69,33 @@ def test_a_peaked_prior_decides_when_the_lm_weight_is_zero(setup, target):
     logits[target] = 50.0
     found = search(g, window, q_ids, SearchPrior(torch.log_softmax(logits, 0), lm_weight=0.0), top_k=3)
     assert target in found[0].sentences
+
+
+def test_with_lm_weight_zero_the_search_feeds_nothing_and_the_spans_are_those_of_the_fed_search(setup):
+    """The LM-free walk must pick the same starts as the search that feeds every step (its log-probabilities
+    weigh 0), and skip decoding, teacher-forcing the unfed prefix itself, must end the spans in the same places."""
+    g, enc, window, q_ids = setup
+    n = len(enc.sentences)
+    log_prior = torch.log_softmax(torch.randn(n, generator=torch.Generator().manual_seed(5)) * 2, dim=0)
+    prior = SearchPrior(log_prior, lm_weight=0.0)
+    ends = {}
+    for fed in (True, False):
+        with torch.inference_mode():
+            cache, first = encode_question(g.runner, window, q_ids, room=4096)
+            shared = cache.length
+            found = constrained_prefix_search(g.runner, cache, first, window.trie, 3, 64, None, prior, lm_steps=fed)
+            assert (cache.length > shared) == fed  # the LM-free walk runs no forward pass
+            assert all((len(p.positions) == len(p.tokens) - 1) if fed else not p.positions for p in found)
+            starts = candidates(found)
+            spans = skip_decode_span_end(g.runner, cache, starts, enc.answer_ids, enc.segment_ids, window.last,
+                                         g.config.max_span_tokens, g.template.eos_ids, shared)
+        ends[fed] = ([(p.tokens, p.sentences) for p in found], spans)
+    assert ends[True][0] == ends[False][0]
+    for a, b in zip(ends[True][1], ends[False][1], strict=True):
+        assert (a.start, a.end) == (b.start, b.end)
+        assert a.end_probabilities == pytest.approx(b.end_probabilities, abs=1e-4)
+    with pytest.raises(ValueError, match="prior"):
+        constrained_prefix_search(g.runner, cache, first, window.trie, 3, 64, None, None, lm_steps=False)
 
 
 def test_without_a_prior_the_search_is_the_pure_lm_search(setup, tiny_grounder):
