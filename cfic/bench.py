@@ -117,9 +117,15 @@ def bench_load(model: str | None, adapter: str | None = "auto") -> dict[str, flo
 
 
 def run_core_bench(model: str | None, doc_tokens: int, n_docs: int, n_questions: int, rounds: int,
-                   dtypes: list[str], load: bool, adapter: str | None = "auto") -> dict[str, Any]:
+                   dtypes: list[str], load: bool, adapter: str | None = "auto",
+                   lm_weights: list[float] | None = None) -> dict[str, Any]:
+    """``lm_weights``: extra configurations of the first dtype whose prior weighs the LM's prefix log-probabilities
+    by each of these (the shipped weight 0 walks the trie without LM steps; any other weight runs them)."""
+    from dataclasses import replace
+
     import torch
 
+    from cfic.errors import CficError
     from cfic.grounder import Grounder
 
     report: dict[str, Any] = {"doc_tokens": doc_tokens, "documents": n_docs, "questions_per_document": n_questions,
@@ -128,15 +134,22 @@ def run_core_bench(model: str | None, doc_tokens: int, n_docs: int, n_questions:
         report["model_load"] = bench_load(model, adapter)
     grounders = {dt: Grounder.from_pretrained(model, dtype=dt, adapter=adapter) for dt in dtypes}
     first = next(iter(grounders.values()))
+    for w in lm_weights or []:
+        if first.config.prior is None:
+            raise CficError("--lm-weights needs a model with a sentence prior (the bundled adapter has one)")
+        prior = replace(first.config.prior, lm=w)
+        grounders[f"{dtypes[0]}, lm {w:g}"] = Grounder(first.loaded, first.config.with_options(prior=prior),
+                                                        first.swiftkv)
     report |= {"model": first.model_name, "adapter": first.loaded.adapter}
     docs = bench_documents(first.tokenizer, doc_tokens, n_docs)
     report["actual_doc_tokens"] = statistics.mean(e.n_tokens for e in first.encode(docs))
     questions = QUESTIONS[:n_questions]
-    timings = {dt: Timings() for dt in dtypes}
+    timings = {name: Timings() for name in grounders}
     for _ in range(rounds):  # interleaved: every round runs every configuration once
-        for dt, g in grounders.items():
-            _time_grounder(g, docs, questions, timings[dt])
-    report["configs"] = {dt: timings[dt].summary() for dt in dtypes}
+        for name, g in grounders.items():
+            _time_grounder(g, docs, questions, timings[name])
+    report["configs"] = {name: timings[name].summary() for name in grounders}
+    report["shipped_lm_weight"] = first.config.prior.lm if first.config.prior is not None else None
     if len(dtypes) == 2:
         a, b = dtypes
         same = sum(x == y for x, y in zip(timings[a].evidence, timings[b].evidence, strict=True))
@@ -146,13 +159,21 @@ def run_core_bench(model: str | None, doc_tokens: int, n_docs: int, n_questions:
             "warm_speedup": report["configs"][a]["warm_ms"] / report["configs"][b]["warm_ms"],
             "same_evidence_rate": same / len(timings[a].evidence),
         }
+    if lm_weights:
+        base = report["configs"][dtypes[0]]
+        report["lm_weight_comparison"] = {
+            name: {"warm_ratio": report["configs"][name]["warm_ms"] / base["warm_ms"],
+                   "same_evidence_rate": sum(x == y for x, y in zip(timings[dtypes[0]].evidence, timings[name].evidence,
+                                                                    strict=True)) / len(timings[name].evidence)}
+            for name in grounders if name not in dtypes}
     peak = {dt: matmul_gflops(getattr(torch, dt)) for dt in dtypes}
-    for dt in dtypes:
+    for name, g in grounders.items():
+        dt = str(g.runner.dtype).removeprefix("torch.")
         n = report["actual_doc_tokens"]
-        seconds = report["configs"][dt]["encode_ms"] / 1000
-        achieved = prefill_flops(grounders[dt].loaded.model, n) / seconds / 1e9
-        report["configs"][dt] |= {"prefill_tokens_per_s": n / seconds, "prefill_gflops": achieved,
-                                  "matmul_peak_gflops": peak[dt], "share_of_peak": achieved / peak[dt]}
+        seconds = report["configs"][name]["encode_ms"] / 1000
+        achieved = prefill_flops(g.loaded.model, n) / seconds / 1e9
+        report["configs"][name] |= {"prefill_tokens_per_s": n / seconds, "prefill_gflops": achieved,
+                                    "matmul_peak_gflops": peak[dt], "share_of_peak": achieved / peak[dt]}
     return report
 
 
@@ -190,6 +211,9 @@ def _print_report(report: dict[str, Any]) -> None:
         d = report["dtype_comparison"]
         console.print(f"{d['other']} vs {d['baseline']}: cold {d['cold_speedup']:.2f}x, warm {d['warm_speedup']:.2f}x "
                       f"faster; same evidence on {d['same_evidence_rate']:.0%} of queries")
+    for name, c in report.get("lm_weight_comparison", {}).items():
+        console.print(f"{name}: warm {c['warm_ratio']:.2f}x the shipped configuration's (LM weight "
+                      f"{report['shipped_lm_weight']:g}); same evidence on {c['same_evidence_rate']:.0%} of queries")
     if "model_load" in report:
         m = report["model_load"]
         console.print(f"model load: first use {m['cold_s']:.1f} s (GGUF conversion), cached {m['cached_s']:.2f} s "
@@ -207,6 +231,8 @@ def bench_command(
     dtypes: Annotated[str, typer.Option("--dtypes", help="Comma list of dtypes to compare.")] = "float32,bfloat16",
     load: Annotated[bool, typer.Option("--load/--no-load", help="Also time model loading cold vs cached.")] = True,
     out: Annotated[Path | None, typer.Option("--out", help="Also write the JSON report here.")] = None,
+    lm_weights: Annotated[str, typer.Option("--lm-weights", help="Comma list of prior LM weights to time next to "
+                                                                 "the shipped one (first dtype).")] = "",
     core: Annotated[bool, typer.Option("--core/--no-core", help="Cold vs warm, dtypes and model load.")] = True,
     accel: Annotated[bool, typer.Option("--accel/--no-accel", help="SwiftKV and layer skipping vs the full "
                                                                     "model.")] = True,
@@ -238,6 +264,12 @@ def bench_command(
         raise CficError(f"--dtypes takes float32, bfloat16 and/or float16, got {dtypes!r}")
     if accel_dtype is not None and accel_dtype not in allowed:
         raise CficError(f"--accel-dtype takes float32, bfloat16 or float16, got {accel_dtype!r}")
+    try:
+        weights = [float(w) for w in lm_weights.split(",") if w.strip()]
+    except ValueError:
+        raise CficError(f"--lm-weights takes a comma list of numbers >= 0, got {lm_weights!r}") from None
+    if any(not w >= 0 for w in weights):  # also refuses nan
+        raise CficError(f"--lm-weights takes a comma list of numbers >= 0, got {lm_weights!r}")
     if not core and not accel:
         raise CficError("--no-core and --no-accel leave nothing to measure")
     adapter_arg = adapter_choice(adapter, no_adapter)
@@ -250,7 +282,8 @@ def bench_command(
         torch.set_num_threads(threads)
     report: dict[str, Any] = {"command": " ".join(["cfic", *sys.argv[1:]])}
     if core:
-        report |= run_core_bench(model, doc_tokens, documents, questions, rounds, names, load, adapter_arg)
+        report |= run_core_bench(model, doc_tokens, documents, questions, rounds, names, load, adapter_arg,
+                                 weights)
     if accel:
         from cfic.bench_accel import run_accel_bench
 

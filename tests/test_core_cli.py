@@ -104,3 +104,11 @@ def test_adapter_flags_exclude_each_other(command, files):
     res = run_cli(*args, "--adapter", str(files["dir"]), "--no-adapter")
     err = res.stderr.decode()
     assert res.returncode == 2 and "exclude each other" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("weights", ["abc", "0.5,x", "-1", "nan"])
+def test_bench_refuses_bad_lm_weights_before_loading_a_model(weights):
+    res = run_cli("bench", "--no-accel", "--lm-weights", weights)
+    err = res.stderr.decode()
+    assert res.returncode == 2, err
+    assert "--lm-weights" in err and "Traceback" not in err
