@@ -171,7 +171,11 @@ def run_core_bench(model: str | None, doc_tokens: int, n_docs: int, n_questions:
         dt = str(g.runner.dtype).removeprefix("torch.")
         n = report["actual_doc_tokens"]
         seconds = report["configs"][name]["encode_ms"] / 1000
-        achieved = prefill_flops(g.loaded.model, n) / seconds / 1e9
+        sw = g.runner.swiftkv  # with SwiftKV the layers from its layer on only project K/V for a document
+        layers = g.runner.num_layers
+        flops = (prefill_flops(g.loaded.model, n) if sw is None
+                 else prefill_flops(g.loaded.model, n, layers=sw.layer, kv_only_layers=layers - sw.layer))
+        achieved = flops / seconds / 1e9
         report["configs"][name] |= {"prefill_tokens_per_s": n / seconds, "prefill_gflops": achieved,
                                     "matmul_peak_gflops": peak[dt], "share_of_peak": achieved / peak[dt]}
     return report
