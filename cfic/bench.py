@@ -70,6 +70,10 @@ class Timings:
     skip_ms: list[float] = field(default_factory=list)
     evidence: list[list[tuple[int, int, int]]] = field(default_factory=list)
 
+    def same_evidence_rate(self, other: Timings) -> float:
+        """Share of the warm queries on which ``other`` returned exactly the same evidence."""
+        return sum(x == y for x, y in zip(self.evidence, other.evidence, strict=True)) / len(self.evidence)
+
     def summary(self) -> dict[str, float]:
         med = statistics.median
         out = {"cold_ms": med(self.cold_ms), "warm_ms": med(self.warm_ms), "encode_ms": med(self.encode_ms),
@@ -152,19 +156,17 @@ def run_core_bench(model: str | None, doc_tokens: int, n_docs: int, n_questions:
     report["shipped_lm_weight"] = first.config.prior.lm if first.config.prior is not None else None
     if len(dtypes) == 2:
         a, b = dtypes
-        same = sum(x == y for x, y in zip(timings[a].evidence, timings[b].evidence, strict=True))
         report["dtype_comparison"] = {
             "baseline": a, "other": b,
             "cold_speedup": report["configs"][a]["cold_ms"] / report["configs"][b]["cold_ms"],
             "warm_speedup": report["configs"][a]["warm_ms"] / report["configs"][b]["warm_ms"],
-            "same_evidence_rate": same / len(timings[a].evidence),
+            "same_evidence_rate": timings[a].same_evidence_rate(timings[b]),
         }
     if lm_weights:
         base = report["configs"][dtypes[0]]
         report["lm_weight_comparison"] = {
             name: {"warm_ratio": report["configs"][name]["warm_ms"] / base["warm_ms"],
-                   "same_evidence_rate": sum(x == y for x, y in zip(timings[dtypes[0]].evidence, timings[name].evidence,
-                                                                    strict=True)) / len(timings[name].evidence)}
+                   "same_evidence_rate": timings[dtypes[0]].same_evidence_rate(timings[name])}
             for name in grounders if name not in dtypes}
     peak = {dt: matmul_gflops(getattr(torch, dt)) for dt in dtypes}
     for name, g in grounders.items():

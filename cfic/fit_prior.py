@@ -79,16 +79,16 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-2, steps: int = 30
     return coef, float(b - (coef * mu).sum()), mu, sd
 
 
-def _paired_gain(hits: dict[str, dict[tuple[Any, float], list[bool]]], a: tuple[Any, float], b: tuple[Any, float],
-                 resamples: int = 2000, seed: int = 0) -> dict[str, float]:
+def _paired_gain(hits: dict[str, dict[tuple[Any, float], list[bool]]], a: tuple[Any, float], b: tuple[Any, float]
+                 ) -> dict[str, float]:
     """Objective of setting ``a`` minus setting ``b`` (mean over sources of the top-k hit rate) with a paired
     bootstrap 95% interval that resamples questions within each source: is the LM's share worth anything?"""
-    rng = np.random.default_rng(seed)
-    diffs = {src: np.array(h[a], dtype=float) - np.array(h[b], dtype=float) for src, h in hits.items()}
-    point = float(np.mean([d.mean() for d in diffs.values()]))
-    boots = [np.mean([d[rng.integers(0, len(d), len(d))].mean() for d in diffs.values()]) for _ in range(resamples)]
-    lo, hi = np.percentile(boots, [2.5, 97.5])
-    return {"difference": point, "low": float(lo), "high": float(hi)}
+    from cfic.eval.compare import paired_bootstrap
+
+    sources = [src for src, h in hits.items() for _ in h[a]]
+    diff, low, high = paired_bootstrap([x for h in hits.values() for x in h[a]],
+                                       [x for h in hits.values() for x in h[b]], strata=sources)
+    return {"difference": diff, "low": low, "high": high}
 
 
 def question_search(grounder: Any, encodings: list[Any], question: str,
@@ -235,7 +235,9 @@ def fit_prior(n_nq: int = 60, n_hotpot: int = 30, n_stage1: int = 400, adapter: 
     weights = weights_of(best_cfg)
     assert weights is not None
 
-    paired = _paired_gain(hits, best_cfg, (best_cfg[0], 0.0))
+    # the best setting on the other side of "does the LM weigh in": with LM weight > 0 if the chosen one has 0
+    rival = max((c for c in configs[:-1] if (c[1] == 0.0) != (best_cfg[1] == 0.0)), key=lambda c: (rates[c], -c[1]))
+    paired = {"rival": f"{rival[0]}/{rival[1]}", **_paired_gain(hits, best_cfg, rival)}
 
     report = {
         "prior": {"weights": weights.to_dict(), "signals": list(SIGNALS),
@@ -246,7 +248,7 @@ def fit_prior(n_nq: int = 60, n_hotpot: int = 30, n_stage1: int = 400, adapter: 
                              "top_k_hit_by_source": {src: {f"{c[0]}/{c[1]}": r for c, r in rs.items()}
                                                      for src, rs in by_source.items()},
                              "chosen": {"scale": best_cfg[0], "lm": best_cfg[1]},
-                             "chosen_minus_prior_only": paired}},
+                             "chosen_minus_rival": paired}},
         "source": "training splits only: nq train, hotpotqa train, squad train questions held out of LoRA training",
         "swiftkv": grounder.runner.swiftkv is not None,
         "seconds": round(time.time() - t_start, 1),

@@ -118,7 +118,8 @@ def constrained_prefix_search(
     masks = TreeMask(shared)
     live = [Prefix(SentenceTrie.ROOT, (), 0.0, ())]
     rows = first_logprobs.unsqueeze(0)
-    unscored = torch.zeros_like(first_logprobs)  # without LM steps: every log-probability weighs 0 in the ranking
+    # without LM steps every log-probability weighs 0 in the ranking
+    unscored = None if lm_steps else torch.zeros_like(first_logprobs)
     finished: list[Prefix] = []
     for step in range(max_steps + 1):
         candidates = list(finished)
@@ -134,7 +135,7 @@ def constrained_prefix_search(
             finished += [Prefix(p.node, p.tokens, p.logprob_sum, p.positions, (trie.nodes[p.node].sentences[0],),
                                 p.prior) for p in live]
             break
-        if not lm_steps:
+        if unscored is not None:
             rows = unscored.expand(len(live), -1)
             continue
         # Feed each live prefix's newest token; all of them in one packed row.

@@ -28,15 +28,26 @@ def _values(rows: Sequence[Mapping[str, Any]], metric: str) -> list[float | None
     return [None if r.get(field) is None else float(r[field]) for r in rows]
 
 
-def paired_bootstrap(a: Sequence[float], b: Sequence[float], resamples: int = RESAMPLES, seed: int = 0
-                     ) -> tuple[float, float, float]:
-    """(mean(a - b), low, high): the 95% paired bootstrap interval of the mean difference."""
+def paired_bootstrap(a: Sequence[float], b: Sequence[float], resamples: int = RESAMPLES, seed: int = 0,
+                     strata: Sequence[str] | None = None) -> tuple[float, float, float]:
+    """(mean(a - b), low, high): the 95% paired bootstrap interval of the mean difference.
+
+    With ``strata`` the statistic is the mean over strata of each stratum's mean difference (every source counts
+    once, however many examples it has), and examples are resampled within their stratum."""
     d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
     if d.size == 0:
         raise CficError("no paired examples to compare")
     rng = np.random.default_rng(seed)
-    means = d[rng.integers(0, d.size, size=(resamples, d.size))].mean(axis=1)
-    return float(d.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+    if strata is None:
+        groups = [d]
+    else:
+        labels = np.asarray(strata)
+        if labels.shape != d.shape:
+            raise CficError("strata must label every paired example")
+        groups = [d[labels == s] for s in sorted(set(labels.tolist()))]
+    point = float(np.mean([g.mean() for g in groups]))
+    means = np.mean([g[rng.integers(0, g.size, size=(resamples, g.size))].mean(axis=1) for g in groups], axis=0)
+    return point, float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
 def compare(rows_by_method: Mapping[str, Sequence[Mapping[str, Any]]], reference: str = "cfic",

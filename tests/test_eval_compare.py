@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from cfic.errors import CficError
 from cfic.eval.compare import compare, main, paired_bootstrap
 
 
@@ -38,3 +39,12 @@ def test_compare_pairs_by_example_and_scores_abstention(tmp_path):
     (tmp_path / "examples.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     assert main([str(tmp_path)]) == 0
     assert main([str(tmp_path / "missing")]) == 2
+
+
+def test_stratified_bootstrap_weighs_every_stratum_once():
+    # stratum x: 4 examples all +1; stratum y: 1 example 0 -> unstratified mean 0.8, stratified 0.5
+    a, b, strata = [1, 1, 1, 1, 0], [0, 0, 0, 0, 0], ["x", "x", "x", "x", "y"]
+    assert paired_bootstrap(a, b)[0] == pytest.approx(0.8)
+    assert paired_bootstrap(a, b, strata=strata) == (0.5, 0.5, 0.5)
+    with pytest.raises(CficError, match="strata"):
+        paired_bootstrap(a, b, strata=["x"])
