@@ -19,6 +19,11 @@ class GroundingConfig:
     """How cfic encodes documents and extracts evidence.
 
     ``top_k``: prefixes kept by the constrained prefix search (the CFIC paper uses 3) and evidence spans returned.
+    ``distinct_spans``: when spans from the top-k starts overlap (they are merged, so fewer than ``top_k`` pieces
+    remain), start further spans at the next-ranked sentences that no span covers yet, once per window. The prior
+    often puts its best starts in one paragraph, and a merged span there leaves the rest of the document unread —
+    costly for multi-hop questions. Applies to the search without LM steps (LM weight 0, the shipped default), where
+    ranking more starts costs no forward pass.
     ``max_span_tokens``: the skip-decoding budget d; a span never runs past it (the paper's d = 256; 128 here: shorter
     evidence, half the skip-decoding work).
     ``max_sentence_tokens``: longer run-on sentences are cut at word boundaries.
@@ -46,6 +51,7 @@ class GroundingConfig:
     """
 
     top_k: int = 3
+    distinct_spans: bool = True
     max_span_tokens: int = 128
     max_sentence_tokens: int = 96
     max_query_tokens: int = 256

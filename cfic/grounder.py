@@ -17,7 +17,7 @@ import torch
 from cfic.config import GroundingConfig
 from cfic.decoding.encode import DocumentEncoding, PromptTemplate, encode_documents, question_pass
 from cfic.decoding.layerskip import LayerSkip
-from cfic.decoding.prefix import SearchPrior, constrained_prefix_search, end_probability, rank
+from cfic.decoding.prefix import Prefix, SearchPrior, constrained_prefix_search, end_probability, rank
 from cfic.decoding.runner import LayerRunner
 from cfic.decoding.skip import SpanEnd, candidates, greedy_span_end, skip_decode_span_end
 from cfic.decoding.swiftkv import SwiftKV
@@ -84,6 +84,22 @@ def _merge_overlapping(spans: list[_Span]) -> list[_Span]:
         else:
             merged.append(span)
     return merged
+
+
+def _uncovered(reserve: list[tuple[Prefix, int]], ends: list[SpanEnd], top_k: int) -> list[tuple[Prefix, int]]:
+    """Starts from ``reserve`` (best first) outside every span in ``ends``, enough to bring the distinct pieces
+    (overlapping spans count once) back up to ``top_k``."""
+    pieces = _merge_overlapping([_Span(0, e.start, e.end, 0.0, 0.0) for e in ends])
+    covered = {i for p in pieces for i in range(p.start, p.end)}
+    need = top_k - len(pieces)
+    out: list[tuple[Prefix, int]] = []
+    for prefix, start in reserve:
+        if len(out) >= need:
+            break
+        if start not in covered:
+            out.append((prefix, start))
+            covered.add(start)
+    return out
 
 
 class Grounder:
@@ -351,13 +367,21 @@ class Grounder:
                     logit = probe.logit(tapped)
                     probe_logit = logit if probe_logit is None else min(probe_logit, logit)
                 shared = cache.length
-                prefixes = constrained_prefix_search(self.runner, cache, first, window.trie, cfg.top_k,
-                                                     cfg.max_prefix_tokens, layer_skip, search_prior)
+                # Without LM steps, ranking more starts is free: keep a reserve for distinct spans.
+                refill = cfg.distinct_spans and search_prior is not None and search_prior.lm_weight == 0.0
+                prefixes = constrained_prefix_search(self.runner, cache, first, window.trie,
+                                                     cfg.top_k * (2 if refill else 1), cfg.max_prefix_tokens,
+                                                     layer_skip, search_prior)
                 t1 = time.perf_counter()
-                starts = candidates(prefixes)
+                starts = candidates(prefixes[: cfg.top_k])
                 ends: list[SpanEnd] = find_end(self.runner, cache, starts, enc.answer_ids, enc.segment_ids,
                                               window.last, cfg.max_span_tokens, self.template.eos_ids, shared,
                                               layer_skip)
+                more = _uncovered(candidates(prefixes[cfg.top_k:]), ends, cfg.top_k) if refill else []
+                if more:
+                    starts += more
+                    ends += find_end(self.runner, cache, more, enc.answer_ids, enc.segment_ids, window.last,
+                                     cfg.max_span_tokens, self.template.eos_ids, shared, layer_skip)
                 usage.prefix_ms += (t1 - t0) * 1000
                 usage.skip_ms += (time.perf_counter() - t1) * 1000
                 for (prefix, _), end in zip(starts, ends, strict=True):

@@ -30,6 +30,8 @@ def evaluate_command(
         "--data-file", help="Your own data: with --dataset generic, rows of question, answers, documents (or "
                             "document), optional id, gold spans and answerable, in .jsonl/.csv/.parquet or a saved "
                             "dataset; with --dataset nq, an nq-open-oracle file.")] = None,
+    split: Annotated[str, typer.Option(
+        "--split", help="eval (default) or train: the training side, where design choices are decided.")] = "eval",
     limit: Annotated[int | None, typer.Option("--limit", help="Evaluate the first N examples.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Gold passage positions and the random baseline.")] = 0,
     methods: Annotated[str | None, typer.Option("--methods", help=METHODS_HELP)] = None,
@@ -63,11 +65,12 @@ def evaluate_command(
     changes = swiftkv != "auto" or options.get("swiftkv_layer") or options.get("layer_skip")
     acceleration = {"options": options, "swiftkv": swiftkv} if changes else None
     out = out or f"runs/eval-{dataset}"
-    command = _command_line(dataset=dataset, data_file=data_file, limit=limit, seed=seed, methods=methods,
+    command = _command_line(dataset=dataset, split=None if split == "eval" else split, data_file=data_file,
+                            limit=limit, seed=seed, methods=methods,
                             out=out, model=model, k=k, threshold=threshold, swiftkv_layer=swiftkv_layer,
                             swiftkv_group=swiftkv_group, swiftkv=swiftkv, layer_skip=layer_skip,
                             layer_skip_warmup=layer_skip_warmup)
-    report = evaluate(dataset, data_file=data_file, limit=limit, seed=seed, methods=methods, out=out,
+    report = evaluate(dataset, split=split, data_file=data_file, limit=limit, seed=seed, methods=methods, out=out,
                       model=model, k=k, threshold=threshold, progress=not quiet, command=command, resume=resume,
                       acceleration=acceleration)
     typer.echo(markdown_table(report))

@@ -55,6 +55,8 @@ def markdown_table(report: dict[str, Any]) -> str:
 
 def markdown_report(report: dict[str, Any]) -> str:
     title = f"# cfic evaluate — {report['dataset']}"
+    if report.get("split", "eval") != "eval":
+        title += f" ({report['split']} split)"
     facts = [f"n = {report['n']}", f"seed = {report['seed']}", f"model = `{report['model']}`"]
     if report.get("k"):
         facts.append(f"K = {report['k']} passages per document")

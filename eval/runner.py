@@ -137,6 +137,7 @@ def _config_fingerprint(ctx: EvalContext) -> str:
 def evaluate(
     dataset: str = "nq",
     *,
+    split: str = "eval",
     data_file: str | Path | None = None,
     limit: int | None = None,
     seed: int = 0,
@@ -160,6 +161,8 @@ def evaluate(
     ``grounder`` lets a caller pass an already loaded :class:`cfic.Grounder` (then ``model`` is ignored);
     ``generate_max_tokens`` caps the ``generate`` baseline's output length; ``threshold`` is cfic's score
     threshold (spans scoring below it are dropped, and with none left cfic reports no evidence).
+    ``split``: ``"train"`` measures on the training side (where design choices and fitted values are decided; the
+    ``eval`` split only measures them).
     ``acceleration`` (``{"options": {...}, "swiftkv": ...}``) adds the ``cfic-accel`` row: cfic with those options,
     next to ``cfic`` on the same examples.
     """
@@ -170,7 +173,7 @@ def evaluate(
         raise CficError(f"{ACCEL_METHOD} needs an acceleration option (--swiftkv, --swiftkv-layer, --layer-skip)")
     if out is not None and Path(out).exists() and not Path(out).is_dir():
         raise CficError(f"--out {str(out)!r} exists and is not a directory")
-    examples = load_split(dataset, "eval", k=k, seed=seed, limit=limit, data_file=data_file)
+    examples = load_split(dataset, split, k=k, seed=seed, limit=limit, data_file=data_file)
     if not examples:
         raise CficError(f"dataset {dataset!r} has no examples to evaluate")
     method_objs = make_methods(names, generate_max_tokens=generate_max_tokens, threshold=threshold)
@@ -187,6 +190,8 @@ def evaluate(
                 # the loaded configuration (fitted prior weights, abstention, budgets): a refit between two
                 # sessions must not be mixed into one table
                 "config": _config_fingerprint(ctx) if any(m.needs_lm for m in method_objs) else None}
+    if split != "eval":  # only then: journals written before the option existed still resume
+        settings["split"] = split
     if acceleration is not None:  # only then: journals written before the option existed still resume
         # with the accelerated grounder's key, which covers the SwiftKV file's contents: a re-distilled file at the
         # same path is another run
@@ -212,6 +217,7 @@ def evaluate(
         rows[name] = row
     report: dict[str, Any] = {
         "dataset": dataset if data_file is None else f"{dataset}:{Path(data_file).name}",
+        "split": split,
         "n": len(examples),
         "seed": seed,
         "model": ctx.model_name,

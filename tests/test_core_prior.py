@@ -236,3 +236,30 @@ def test_the_answer_type_signal_marks_sentences_holding_what_the_question_asks_f
     without = SentencePrior.log_prior(sig, PriorWeights(10.0, 0.0, 0.0, answer_type=0.0))
     with_type = SentencePrior.log_prior(sig, PriorWeights(10.0, 0.0, 0.0, answer_type=10.0))
     assert int(np.argmax(with_type)) == 1 and with_type[1] - with_type[0] > without[1] - without[0]
+
+
+def test_distinct_spans_start_again_outside_merged_spans(tiny_loaded, prior_grounder):
+    """With LM weight 0, spans that overlap (and merge) are topped up from the next-ranked uncovered sentences."""
+    from cfic.decoding.skip import SpanEnd
+    from cfic.grounder import _uncovered
+
+    reserve = [(None, 1), (None, 5), (None, 6), (None, 9)]
+    ends = [SpanEnd(0, 3, (0.1, 0.2, 0.9)), SpanEnd(2, 4, (0.1, 0.9))]  # one piece: sentences 0..3
+    assert [s for _, s in _uncovered(reserve, ends, 3)] == [5, 6]  # 1 is covered; two pieces were missing
+    assert _uncovered(reserve, [SpanEnd(0, 1, (0.9,)), SpanEnd(4, 5, (0.9,)), SpanEnd(7, 8, (0.9,))], 3) == []
+
+    doc = " ".join(f"Sentence number {i} talks about the river and its {w}." for i, w in
+                   enumerate(["banks", "fish", "boats", "bridges", "towns", "floods", "mills", "source", "delta",
+                              "ferries", "birds", "reeds"]))
+    base = prior_grounder.config.with_options(prior=PriorWeights(10.0, 5.0, 1.0, 0.0), max_span_tokens=96)
+    pieces = {}
+    for distinct in (False, True):
+        g = Grounder(tiny_loaded, base.with_options(distinct_spans=distinct),
+                     sentence_prior=prior_grounder.sentence_prior)
+        r = g.ground(QUERY, [doc], abstain=False)
+        pieces[distinct] = sorted((e.sentence_start, e.sentence_end) for e in r.evidence)
+        for e in r.evidence:
+            assert e.text == doc[e.start_char:e.end_char]
+    assert len(pieces[False]) < 3  # this document and model make the top-3 spans overlap: the case under test
+    assert len(pieces[True]) == 3
+    assert all(a[1] <= b[0] for a, b in zip(pieces[True], pieces[True][1:], strict=False))  # disjoint
