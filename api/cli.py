@@ -21,6 +21,8 @@ from typing import Annotated
 
 import typer
 
+from cfic.cli import FFNSkipOpt
+
 log = logging.getLogger("cfic.api")
 
 DEFAULT_MODEL = "smollm2-135m-instruct"  # cfic.models.DEFAULT_MODEL, named here without importing torch
@@ -108,6 +110,7 @@ def serve_command(
     = None,
     layer_skip_warmup: Annotated[int | None, typer.Option(
         "--layer-skip-warmup", help="Layers that always run below the skipped band (default 4).")] = None,
+    ffn_skip: FFNSkipOpt = None,
 ) -> None:
     """Serve POST /ground (verbatim evidence), GET /healthz, /readyz, /docs. The server listens at once and loads
     the model in the background (/readyz: 503 "loading" until it is ready); a failed load stops it (exit 2)."""
@@ -117,7 +120,8 @@ def serve_command(
 
     bound_kernel_caches()  # a server meets documents of every length: keep the kernel caches from growing
     adapter = adapter_choice(adapter, no_adapter)
-    accel, swiftkv = acceleration_options(swiftkv_layer, swiftkv_group, swiftkv, layer_skip, layer_skip_warmup)
+    accel, swiftkv = acceleration_options(swiftkv_layer, swiftkv_group, swiftkv, layer_skip, layer_skip_warmup,
+                                          ffn_skip)
     level = log_level.lower()
     if level not in ("debug", "info", "warning", "error"):
         raise CficError(f"unknown log level {log_level!r}; use debug, info, warning or error")
@@ -164,12 +168,12 @@ def serve_command(
             raise
         log.info("model %s loaded on %s (%s)", grounder.model_name, grounder.loaded.device, grounder.loaded.dtype)
         cfg = grounder.config
-        if cfg.swiftkv_layer is not None or cfg.layer_skip:
-            log.info("acceleration: swiftkv_layer=%s swiftkv_group=%s (%s) layer_skip=%s warmup=%s",
+        if cfg.swiftkv_layer is not None or cfg.layer_skip or cfg.ffn_skip is not None:
+            log.info("acceleration: swiftkv_layer=%s swiftkv_group=%s (%s) layer_skip=%s warmup=%s ffn_skip=%s",
                      cfg.swiftkv_layer, cfg.swiftkv_group,
                      "zero-training" if accel.get("swiftkv_layer") is not None and swiftkv in ("auto", "none")
                      else "distilled",
-                     cfg.layer_skip, cfg.layer_skip_warmup)
+                     cfg.layer_skip, cfg.layer_skip_warmup, cfg.ffn_skip)
         return grounder
 
     def load_index():

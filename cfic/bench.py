@@ -255,12 +255,19 @@ def bench_command(
     markdown: Annotated[Path | None, typer.Option("--markdown", help="Also write the acceleration table as "
                                                                      "Markdown here.")] = None,
     adapter: Annotated[str | None, typer.Option("--adapter", help="A PEFT LoRA adapter folder to apply.")] = None,
+    many_documents: Annotated[str, typer.Option("--many-documents", help="Comma list of document counts: ground "
+                                                "questions in that many documents each, reading all of them vs "
+                                                "only those holding the best starts (e.g. 1,5,10,20).")] = "",
+    many_questions: Annotated[int, typer.Option("--many-questions", min=1, help="Questions per document count "
+                                                                                "(--many-documents).")] = 3,
+    plot: Annotated[Path | None, typer.Option("--plot", help="With --many-documents: write its cost curve "
+                                                             "(PNG) here.")] = None,
     no_adapter: Annotated[bool, typer.Option("--no-adapter", help="Measure the base model, without the bundled CFIC "
                                                                   "adapter (the bundled SwiftKV parameters were "
                                                                   "distilled for it).")] = False,
 ) -> None:
     """Measure cold vs warm grounding, decoding overhead, dtypes and model load, and the accelerations (SwiftKV,
-    AcrossKV, layer skipping) against the full model, side by side."""
+    AcrossKV, layer skipping) against the full model, and grounding in many documents, side by side."""
     from cfic.config import adapter_choice
     from cfic.errors import CficError
 
@@ -276,8 +283,16 @@ def bench_command(
         raise CficError(f"--lm-weights takes a comma list of numbers >= 0, got {lm_weights!r}") from None
     if any(not w >= 0 for w in weights):  # also refuses nan
         raise CficError(f"--lm-weights takes a comma list of numbers >= 0, got {lm_weights!r}")
-    if not core and not accel:
-        raise CficError("--no-core and --no-accel leave nothing to measure")
+    try:
+        counts = [int(c) for c in many_documents.split(",") if c.strip()]
+    except ValueError:
+        raise CficError(f"--many-documents takes a comma list of positive integers, got {many_documents!r}") from None
+    if any(c < 1 for c in counts):
+        raise CficError(f"--many-documents takes a comma list of positive integers, got {many_documents!r}")
+    if plot is not None and not counts:
+        raise CficError("--plot draws the --many-documents curve; give --many-documents")
+    if not core and not accel and not counts:
+        raise CficError("--no-core and --no-accel leave nothing to measure (add --many-documents)")
     adapter_arg = adapter_choice(adapter, no_adapter)
     for path in swiftkv or []:
         if not Path(path).is_file():
@@ -295,6 +310,13 @@ def bench_command(
 
         report["acceleration"] = run_accel_bench(model, accel_dtype, doc_tokens, documents, questions, rounds,
                                                  list(swiftkv or []), layer_skip, recall_examples, adapter_arg)
+    if counts:
+        from cfic.bench_many import plot_many_documents, run_many_documents_bench
+
+        report["many_documents"] = run_many_documents_bench(model, counts, many_questions, rounds, adapter_arg)
+        if plot is not None:
+            plot.parent.mkdir(parents=True, exist_ok=True)
+            plot_many_documents(report["many_documents"], plot)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2))
@@ -312,3 +334,7 @@ def bench_command(
         from cfic.bench_accel import print_accel_report
 
         print_accel_report(report["acceleration"])
+    if counts:
+        from cfic.bench_many import print_many_documents_report
+
+        print_many_documents_report(report["many_documents"])

@@ -46,6 +46,9 @@ LayerSkipOpt = Annotated[int | None, typer.Option(
     "--layer-skip", help="SkipDecode: answer tokens skip up to this many lower layers (0: off).")]
 LayerSkipWarmupOpt = Annotated[int | None, typer.Option(
     "--layer-skip-warmup", help="Layers that always run below the skipped band (default 4).")]
+FFNSkipOpt = Annotated[float | None, typer.Option(
+    "--ffn-skip", help="FFN-SkipLLM: an answer token whose FFN block left it at least this cosine-similar skips the "
+                       "following FFN blocks (0 < value <= 1; off by default).")]
 TopKOpt = Annotated[int, typer.Option("--top-k", min=1, help="Evidence spans to return per question.")]
 MaxSpanTokensOpt = Annotated[int | None, typer.Option(
     "--max-span-tokens", min=1, help="Skip-decoding budget in tokens (default 128).")]
@@ -91,6 +94,7 @@ def ground(
     swiftkv: SwiftKVOpt = None,
     layer_skip: LayerSkipOpt = None,
     layer_skip_warmup: LayerSkipWarmupOpt = None,
+    ffn_skip: FFNSkipOpt = None,
     no_prior: Annotated[bool, typer.Option(
         "--no-prior", help="Pure-LM prefix search (no sentence prior, no abstention): the paper's method.")] = False,
     abstain: Annotated[bool | None, typer.Option(
@@ -102,7 +106,8 @@ def ground(
 
     if files.count("-") > 1:
         raise CficError("'-' (stdin) can be given only once")
-    accel, swiftkv = acceleration_options(swiftkv_layer, swiftkv_group, swiftkv, layer_skip, layer_skip_warmup)
+    accel, swiftkv = acceleration_options(swiftkv_layer, swiftkv_group, swiftkv, layer_skip, layer_skip_warmup,
+                                          ffn_skip)
     adapter_arg = adapter_choice(adapter, no_adapter)
     documents = [{"id": name, "text": text} for name, text in map(read_document, files)]
     if not query.strip():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from cfic.errors import CficError, require_positive_int
 from cfic.prior import Abstention, PriorWeights
@@ -24,6 +25,10 @@ class GroundingConfig:
     often puts its best starts in one paragraph, and a merged span there leaves the rest of the document unread —
     costly for multi-hop questions. Applies to the search without LM steps (LM weight 0, the shipped default), where
     ranking more starts costs no forward pass.
+    ``read_all_documents``: with several documents and the LM-free start search, the prior ranks the sentences of
+    all documents together and only the documents holding the best starts (the top ``top_k``, and the reserve of
+    ``distinct_spans``) are read by the model; True reads every document anyway (the evidence then may also come
+    from a span a lower-ranked start would begin; ``cfic bench --many-documents`` measures both).
     ``max_span_tokens``: the skip-decoding budget d; a span never runs past it (the paper's d = 256; 128 here: shorter
     evidence, half the skip-decoding work).
     ``max_sentence_tokens``: longer run-on sentences are cut at word boundaries.
@@ -48,10 +53,14 @@ class GroundingConfig:
     (always run), growing linearly with their offset into the answer up to ``max_span_tokens``. (Skipping the
     layers right after the first one changed the chosen span end far more often in our measurements than skipping
     from layer 4 on, hence the default warm-up.)
+    ``ffn_skip``: FFN-SkipLLM — a cosine threshold in (0, 1]: an answer token whose FFN block left its hidden state
+    at least this similar skips the FFN blocks of the following layers below the SwiftKV layer (attention always
+    runs); the first two layers and the first four answer tokens always run theirs. Excludes ``layer_skip``.
     """
 
     top_k: int = 3
     distinct_spans: bool = True
+    read_all_documents: bool = False
     max_span_tokens: int = 128
     max_sentence_tokens: int = 96
     max_query_tokens: int = 256
@@ -66,6 +75,7 @@ class GroundingConfig:
     swiftkv_group: int = 1
     layer_skip: int = 0
     layer_skip_warmup: int = 4
+    ffn_skip: float | None = None
     prior: PriorWeights | None = None
     abstention: Abstention | None = None
 
@@ -87,6 +97,12 @@ class GroundingConfig:
             raise CficError(f"prior must be PriorWeights or None, got {type(self.prior).__name__}")
         if self.abstention is not None and not isinstance(self.abstention, Abstention):
             raise CficError(f"abstention must be an Abstention or None, got {type(self.abstention).__name__}")
+        if self.ffn_skip is not None:
+            if isinstance(self.ffn_skip, bool) or not isinstance(self.ffn_skip, (int, float)) \
+                    or not 0.0 < self.ffn_skip <= 1.0:
+                raise CficError(f"ffn_skip must be a cosine threshold in (0, 1], got {self.ffn_skip!r}")
+            if self.layer_skip:
+                raise CficError("ffn_skip and layer_skip exclude each other")
         for name in ("layer_skip", "layer_skip_warmup"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -120,7 +136,8 @@ def adapter_choice(adapter: str | None, no_adapter: bool) -> str | None:
 
 def acceleration_options(swiftkv_layer: int | None = None, swiftkv_group: int | None = None,
                          swiftkv: str | None = None, layer_skip: int | None = None,
-                         layer_skip_warmup: int | None = None) -> tuple[dict[str, int], str | None]:
+                         layer_skip_warmup: int | None = None, ffn_skip: float | None = None
+                         ) -> tuple[dict[str, Any], str | None]:
     """The acceleration flags of ``cfic ground`` / ``cfic serve`` -> (GroundingConfig options, ``swiftkv`` argument
     of ``Grounder.from_pretrained``), checked before any model is loaded (bad values raise CficError).
 
@@ -129,7 +146,9 @@ def acceleration_options(swiftkv_layer: int | None = None, swiftkv_group: int | 
     ``swiftkv_layer``/``swiftkv_group`` (given explicitly, they must agree — ``Grounder`` checks that)."""
     from pathlib import Path
 
-    options: dict[str, int] = {}
+    options: dict[str, Any] = {}
+    if ffn_skip is not None:
+        options["ffn_skip"] = ffn_skip
     if swiftkv_layer is not None:
         options["swiftkv_layer"] = swiftkv_layer
     if swiftkv_group is not None:

@@ -106,12 +106,12 @@ def question_search(grounder: Any, encodings: list[Any], question: str,
     room = k * (grounder.config.max_prefix_tokens + 1)
     query_ids = grounder.template.query_ids(grounder.tokenizer, question, grounder.config.max_query_tokens)
     vector = grounder.sentence_prior.query_vector(question)
-    signals = [SentencePrior.signals(question, vector, e.features) for e in encodings]
+    signals = SentencePrior.document_signals(question, vector, [e.features for e in encodings])
     searches: list[tuple[list[tuple[float, int]], float]] = [([], -1e9) for _ in priors]
     p_end = 1.0
     with torch.inference_mode():
         for d, enc in enumerate(encodings):
-            sps = [None if w is None else SearchPrior(torch.from_numpy(SentencePrior.log_prior(signals[d], w)), w.lm)
+            sps = [None if w is None else SearchPrior(torch.from_numpy(SentencePrior.log_priors(signals, w)[d]), w.lm)
                    for w in priors]
             for window in enc.windows:
                 cache, first = encode_question(grounder.runner, window, query_ids, room)

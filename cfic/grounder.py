@@ -12,11 +12,19 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from cfic.config import GroundingConfig
-from cfic.decoding.encode import DocumentEncoding, PromptTemplate, encode_documents, question_pass
-from cfic.decoding.layerskip import LayerSkip
+from cfic.decoding.encode import (
+    DocumentEncoding,
+    DocumentPlan,
+    PromptTemplate,
+    plan_document,
+    question_pass,
+    read_documents,
+)
+from cfic.decoding.layerskip import FFNSkip, LayerSkip
 from cfic.decoding.prefix import Prefix, SearchPrior, constrained_prefix_search, end_probability, rank
 from cfic.decoding.runner import LayerRunner
 from cfic.decoding.skip import SpanEnd, candidates, greedy_span_end, skip_decode_span_end
@@ -140,7 +148,10 @@ class Grounder:
                f"|{prior_name}")
         self.model_key = hashlib.sha256(key.encode()).hexdigest()[:16]
 
-    def _layer_skip(self, cfg: GroundingConfig) -> LayerSkip | None:
+    def _layer_skip(self, cfg: GroundingConfig) -> LayerSkip | FFNSkip | None:
+        """The answer tokens' skipping schedule: SkipDecode layer skipping, FFN skipping, or none."""
+        if cfg.ffn_skip is not None:
+            return FFNSkip(float(cfg.ffn_skip))
         if not cfg.layer_skip:
             return None
         skip = LayerSkip(cfg.layer_skip, cfg.layer_skip_warmup, cfg.max_span_tokens)
@@ -236,17 +247,33 @@ class Grounder:
         """Read documents once; the encodings can be passed to ``ground`` for any number of questions.
 
         ``cancel``: asked between prefill batches; True stops with :class:`~cfic.errors.GroundingCancelled`."""
-        docs = self._normalise(documents)
-        todo = [(j, d) for j, d in enumerate(docs) if isinstance(d, Document)]
-        encoded = encode_documents(
-            self.runner, self.tokenizer, self.template, [(d.id, d.text, d.metadata) for _, d in todo],
-            self.config, self.max_context, self.model_key, progress=progress, cancel=cancel,
-        )
-        if self.sentence_prior is not None:
-            encoded = [dataclasses.replace(e, features=self.sentence_prior.features(e.text, e.sentences))
-                       for e in encoded]
-        out: list[Any] = list(docs)
-        for (j, _), enc in zip(todo, encoded, strict=True):
+        return self._read(self._plan(self._normalise(documents)), None, progress, cancel)
+
+    def _plan(self, docs: list[DocumentInput]) -> list[DocumentEncoding | DocumentPlan]:
+        """Split and tokenise raw documents, with the prior's features (cheap next to reading them); encodings
+        pass through."""
+        out: list[DocumentEncoding | DocumentPlan] = []
+        for doc in docs:
+            if isinstance(doc, DocumentEncoding):
+                out.append(doc)
+                continue
+            assert isinstance(doc, Document)
+            plan = plan_document(self.tokenizer, self.template, doc.text, doc.id, doc.metadata, self.config,
+                                 self.max_context)
+            if self.sentence_prior is not None:
+                plan = dataclasses.replace(plan, features=self.sentence_prior.features(plan.text, plan.sentences))
+            out.append(plan)
+        return out
+
+    def _read(self, planned: list[DocumentEncoding | DocumentPlan], which: set[int] | None, progress: bool = False,
+              cancel: Callable[[], bool] | None = None) -> list[Any]:
+        """Prefill the planned documents (those in ``which``; None: all); the others stay as they are."""
+        todo = [j for j, d in enumerate(planned) if isinstance(d, DocumentPlan) and (which is None or j in which)]
+        with torch.inference_mode():
+            encoded = read_documents(self.runner, self.template, [planned[j] for j in todo], self.config,
+                                     self.model_key, progress=progress, cancel=cancel)
+        out: list[Any] = list(planned)
+        for j, enc in zip(todo, encoded, strict=True):
             out[j] = enc
         return out
 
@@ -302,48 +329,68 @@ class Grounder:
         t0 = time.perf_counter()
         docs = self._normalise(documents)
         n_cached = sum(d.n_tokens for d in docs if isinstance(d, DocumentEncoding))
-        with torch.inference_mode():
-            encodings = self.encode(docs, cancel=cancel)
+        planned = self._plan(docs)
+        signals = [self._signals(q, planned) if use_prior else None for q in queries]
+        log_priors = [None if sig is None or cfg.prior is None else SentencePrior.log_priors(sig, cfg.prior)
+                      for sig in signals]
+        wanted = [self._documents_to_read(lp, cfg) for lp in log_priors]
+        need = None if any(w is None for w in wanted) else set().union(*wanted)
+        encodings = self._read(planned, need, cancel=cancel)
         encode_ms = (time.perf_counter() - t0) * 1000
         results = []
         for qi, (query, ids) in enumerate(zip(queries, query_ids, strict=True)):
             t1 = time.perf_counter()
+            read = [e for j, e in enumerate(encodings) if wanted[qi] is None or j in wanted[qi]]
             usage = Usage(encode_ms=encode_ms if qi == 0 else 0.0,
-                          cached_tokens=n_cached if qi == 0 else sum(e.n_tokens for e in encodings))
-            signals = self._signals(query, encodings) if use_prior else None
+                          cached_tokens=n_cached if qi == 0 else sum(e.n_tokens for e in read))
             with torch.inference_mode():
-                spans, p_end_first, probe_logit = self._spans(ids, encodings, cfg, skip_decoding, usage, signals,
-                                                              cancel, probe=cfg.abstention.probe
+                spans, p_end_first, probe_logit = self._spans(ids, encodings, cfg, skip_decoding, usage,
+                                                              log_priors[qi], wanted[qi], cancel,
+                                                              probe=cfg.abstention.probe
                                                               if cfg.abstention is not None else None)
             evidence = self._rank(spans, encodings, cfg)
             p_none = None
-            if cfg.abstention is not None and (signals is not None or not cfg.abstention.needs_signals):
+            if cfg.abstention is not None and (signals[qi] is not None or not cfg.abstention.needs_signals):
                 best = max((math.log(max(s.score, 1e-30)) for s in spans), default=-50.0)
-                p_none = cfg.abstention.probability(abstention_features(p_end_first, signals, best, probe_logit))
+                p_none = cfg.abstention.probability(abstention_features(p_end_first, signals[qi], best,
+                                                                        probe_logit))
                 if (cfg.abstention.enabled if abstain is None else abstain) and cfg.abstention.abstains(p_none):
                     evidence = []
-            usage.input_tokens = sum(e.n_tokens for e in encodings) + len(ids) * sum(len(e.windows) for e in encodings)
+            usage.input_tokens = sum(e.n_tokens for e in read) + len(ids) * sum(len(e.windows) for e in read)
             usage.latency_ms = (time.perf_counter() - t1) * 1000 + usage.encode_ms
             results.append(GroundingResult(query, self.model_name, evidence, not evidence, usage, p_none))
         return results
 
-    def _signals(self, query: str, encodings: list[DocumentEncoding]) -> list | None:
+    def _signals(self, query: str, planned: list[DocumentEncoding | DocumentPlan]) -> list | None:
         """The prior's per-sentence signals for each document, or None when the configuration has no prior."""
         if self.sentence_prior is None or self.config.prior is None:
             return None
-        missing = [i for i, e in enumerate(encodings) if e.features is None]
+        missing = [i for i, e in enumerate(planned) if e.features is None]
         if missing:
             raise CficError(f"document {missing[0]} was encoded without the sentence prior's features")
         vector = self.sentence_prior.query_vector(query)
-        return [SentencePrior.signals(query, vector, e.features) for e in encodings]
+        return SentencePrior.document_signals(query, vector, [e.features for e in planned])
+
+    @staticmethod
+    def _documents_to_read(log_priors: list | None, cfg: GroundingConfig) -> set[int] | None:
+        """With the LM-free start search (LM weight 0) the prior alone picks where evidence starts, so only the
+        documents holding the best starts over all documents need the model: those holding the top ``top_k``
+        sentences, and the reserve ``distinct_spans`` may draw on. None: every document (one document, no prior,
+        an LM-weighted search, or ``read_all_documents``)."""
+        if (log_priors is None or len(log_priors) < 2 or cfg.prior is None or cfg.prior.lm != 0.0
+                or cfg.read_all_documents):
+            return None
+        owner = np.concatenate([np.full(len(lp), d) for d, lp in enumerate(log_priors)])
+        best = np.argsort(-np.concatenate(log_priors), kind="stable")[: cfg.top_k * (2 if cfg.distinct_spans else 1)]
+        return {int(owner[i]) for i in best}
 
     def _spans(self, query_ids: list[int], encodings: list[DocumentEncoding], cfg: GroundingConfig,
-               skip_decoding: bool, usage: Usage, signals: list | None = None,
+               skip_decoding: bool, usage: Usage, log_priors: list | None = None, only: set[int] | None = None,
                cancel: Callable[[], bool] | None = None, probe: Any = None
                ) -> tuple[list[_Span], float, float | None]:
-        """Spans from every window of every document, the smallest end-of-evidence probability at the first
-        answer position over all windows and, with an answerability ``probe``, its smallest logit over windows
-        (abstention features)."""
+        """Spans from every window of every document (those in ``only``, when given), the smallest end-of-evidence
+        probability at the first answer position over those windows and, with an answerability ``probe``, its
+        smallest logit over them (abstention features)."""
         spans: list[_Span] = []
         p_end_first = 1.0
         probe_logit: float | None = None
@@ -351,11 +398,12 @@ class Grounder:
         find_end = skip_decode_span_end if skip_decoding else greedy_span_end
         layer_skip = self._layer_skip(cfg)
         for d, enc in enumerate(encodings):
+            if only is not None and d not in only:
+                continue
             doc_spans: list[_Span] = []
             search_prior = None
-            if signals is not None and cfg.prior is not None:
-                log_prior = torch.from_numpy(SentencePrior.log_prior(signals[d], cfg.prior))
-                search_prior = SearchPrior(log_prior, cfg.prior.lm)
+            if log_priors is not None and cfg.prior is not None:
+                search_prior = SearchPrior(torch.from_numpy(log_priors[d]), cfg.prior.lm)
             for window in enc.windows:
                 if cancel is not None and cancel():
                     raise GroundingCancelled("grounding cancelled")

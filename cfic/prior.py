@@ -269,17 +269,36 @@ class SentencePrior:
         return self.embedder.embed_query(query)
 
     @staticmethod
-    def signals(query: str, query_vector: np.ndarray, features: SentenceFeatures) -> np.ndarray:
+    def signals(query: str, query_vector: np.ndarray, features: SentenceFeatures, bm25_top: float | None = None
+                ) -> np.ndarray:
         """(sentences, 4) float32 in :data:`SIGNALS` order: cosine to the sentence, cosine to its paragraph, BM25 / the
-        document's best, and 1.0 where the sentence holds the answer type the question asks for."""
+        best BM25 (``bm25_top``, default the document's own best), and 1.0 where the sentence holds the answer type
+        the question asks for."""
         sentence = features.sentence_vectors @ query_vector
         paragraph = (features.paragraph_vectors @ query_vector)[features.paragraph_of]
         bm25 = features.bm25.scores(query)
-        top = float(bm25.max()) if bm25.size else 0.0
+        top = bm25_top if bm25_top is not None else (float(bm25.max()) if bm25.size else 0.0)
         bm25 = bm25 / top if top > 0 else np.zeros_like(sentence)
         asked = asked_answer_type(query)
         typed = features.answer_types[:, asked] if asked is not None else np.zeros_like(sentence)
         return np.stack([sentence, paragraph, bm25, typed], axis=1).astype(np.float32)
+
+    @staticmethod
+    def document_signals(query: str, query_vector: np.ndarray, features: Sequence[SentenceFeatures]
+                         ) -> list[np.ndarray]:
+        """:meth:`signals` of several documents on one scale: BM25 divided by the best over all of them (one
+        document: the same as :meth:`signals`), so sentences of different documents can be ranked together."""
+        top = max((float(f.bm25.scores(query).max()) for f in features if len(f.sentence_vectors)), default=0.0)
+        return [SentencePrior.signals(query, query_vector, f, top) for f in features]
+
+    @staticmethod
+    def log_priors(signals: Sequence[np.ndarray], weights: PriorWeights) -> list[np.ndarray]:
+        """:meth:`log_prior` over the sentences of all documents together, split back per document: one document's
+        prior is unchanged, and across documents the masses compare (a short document's sentences no longer get a
+        large share just because it has few of them)."""
+        flat = SentencePrior.log_prior(np.concatenate(list(signals)), weights) if len(signals) else np.zeros(0)
+        cuts = np.cumsum([len(s) for s in signals])[:-1]
+        return [part.astype(np.float32) for part in np.split(flat, cuts)]
 
     @staticmethod
     def log_prior(signals: np.ndarray, weights: PriorWeights) -> np.ndarray:

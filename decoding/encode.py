@@ -126,7 +126,11 @@ class DocumentEncoding:
 
 
 @dataclass(frozen=True)
-class _Plan:
+class DocumentPlan:
+    """A document split and tokenised, not yet read by the model (``features``: the sentence prior's, when used).
+    Planning is cheap; reading (the prefill) is the cost, so a grounder can plan many documents and read only those
+    it needs."""
+
     document_id: str
     text: str
     metadata: dict[str, Any]
@@ -134,6 +138,11 @@ class _Plan:
     answer_ids: tuple[tuple[int, ...], ...]
     segment_ids: tuple[tuple[int, ...], ...]
     windows: tuple[tuple[int, int], ...]
+    features: Any = None
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(len(s) for s in self.segment_ids)
 
 
 def window_bounds(lengths: Sequence[int], capacity: int, overlap: int) -> list[tuple[int, int]]:
@@ -170,7 +179,7 @@ def plan_document(
     metadata: dict[str, Any],
     config: GroundingConfig,
     max_context: int,
-) -> _Plan:
+) -> DocumentPlan:
     if not isinstance(text, str):
         raise CficError(f"document {document_id!r}: text must be a string, got {type(text).__name__}")
     if not text.strip():
@@ -194,7 +203,7 @@ def plan_document(
             "lower max_query_tokens or max_span_tokens"
         )
     windows = window_bounds([len(s) for s in segment_ids], capacity, config.overlap_tokens)
-    return _Plan(document_id, text, dict(metadata), sentences, answer_ids, segment_ids, tuple(windows))
+    return DocumentPlan(document_id, text, dict(metadata), sentences, answer_ids, segment_ids, tuple(windows))
 
 
 # Tokens per prefill pass (all rows of a batch together). A window can hold thousands of tokens, and one pass over
@@ -251,11 +260,25 @@ def encode_documents(
     cancel: Callable[[], bool] | None = None,
     chunk_tokens: int = PREFILL_CHUNK_TOKENS,
 ) -> list[DocumentEncoding]:
-    """Encode ``(id, text, metadata)`` documents. Windows of similar length are prefilled together, right-padded,
-    up to ``config.encode_batch_tokens`` padded tokens per batch, each batch in passes of about ``chunk_tokens``
-    tokens (``prefill_chunked``). ``cancel`` is asked before every batch and between the passes of a batch; when it
-    returns True, :class:`~cfic.errors.GroundingCancelled` is raised."""
+    """Plan and read ``(id, text, metadata)`` documents (:func:`plan_document`, then :func:`read_documents`)."""
     plans = [plan_document(tokenizer, template, t, i, m, config, max_context) for i, t, m in documents]
+    return read_documents(runner, template, plans, config, model_key, progress, cancel, chunk_tokens)
+
+
+def read_documents(
+    runner: LayerRunner,
+    template: PromptTemplate,
+    plans: Sequence[DocumentPlan],
+    config: GroundingConfig,
+    model_key: str,
+    progress: bool = False,
+    cancel: Callable[[], bool] | None = None,
+    chunk_tokens: int = PREFILL_CHUNK_TOKENS,
+) -> list[DocumentEncoding]:
+    """Prefill planned documents. Windows of similar length are prefilled together, right-padded, up to
+    ``config.encode_batch_tokens`` padded tokens per batch, each batch in passes of about ``chunk_tokens`` tokens
+    (``prefill_chunked``). ``cancel`` is asked before every batch and between the passes of a batch; when it
+    returns True, :class:`~cfic.errors.GroundingCancelled` is raised."""
     jobs: list[tuple[int, int, list[int]]] = []  # (plan index, window index, input ids)
     for p, plan in enumerate(plans):
         for w, (a, b) in enumerate(plan.windows):
@@ -295,7 +318,7 @@ def encode_documents(
             for w, (a, b) in enumerate(plan.windows)
         )
         out.append(DocumentEncoding(plan.document_id, plan.text, plan.metadata, plan.sentences, plan.answer_ids,
-                                    plan.segment_ids, windows, model_key))
+                                    plan.segment_ids, windows, model_key, plan.features))
     return out
 
 

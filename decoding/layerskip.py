@@ -1,4 +1,5 @@
-"""SkipDecode-style layer skipping (arXiv 2307.02628) for the tokens cfic decodes or teacher-forces.
+"""SkipDecode-style layer skipping (arXiv 2307.02628) and FFN-SkipLLM-style FFN skipping (arXiv 2404.03865) for the
+tokens cfic decodes or teacher-forces.
 
 Every answer token has an *offset*: its position counted from the first answer token (the prefix-search tokens and
 the skip-decoding continuation tokens; the document and the question have negative offsets and run every layer).
@@ -66,10 +67,34 @@ def check_consistent(run: Tensor, mask: Tensor, past: int) -> bool:
     return not bool((m & missing).any())
 
 
-def run_for(runner, layer_skip: LayerSkip | None, rope: Tensor, shared: int) -> Tensor | None:
-    """The run matrix of a pass whose tokens sit at rotary positions ``rope`` ([1, n]) after a ``shared``-token
-    prefix (offset = position - shared); None without layer skipping."""
-    if layer_skip is None or layer_skip.max_skip == 0:
-        return None
+@dataclass(frozen=True)
+class FFNSkip:
+    """FFN-SkipLLM: attention always runs (the K/V stay complete); an answer token whose FFN block barely changed
+    its hidden state (cosine of the block's input and output >= ``threshold``) skips the FFN blocks of the layers
+    that follow, up to the SwiftKV layer (or the last layer, which always runs). The FFN always runs below layer
+    ``first`` and for the first ``warmup`` answer tokens (offsets), as in the paper's warm-up."""
+
+    threshold: float = 0.99
+    first: int = 2
+    warmup: int = 4
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.threshold <= 1.0 or self.first < 0 or self.warmup < 0:
+            raise ValueError("FFN skip: threshold must lie in (0, 1], first and warmup must be >= 0")
+
+    def last(self, runner) -> int:
+        """The layer (exclusive) below which FFN blocks may be skipped."""
+        return runner.swiftkv.layer if runner.swiftkv is not None else runner.num_layers - 1
+
+
+def skip_args(runner, schedule: LayerSkip | FFNSkip | None, rope: Tensor, shared: int) -> dict[str, object]:
+    """``forward`` keyword arguments for a pass whose tokens sit at rotary positions ``rope`` ([1, n]) after a
+    ``shared``-token prefix (offset = position - shared): ``run`` (SkipDecode), ``ffn`` (FFN skipping: the schedule
+    and which columns may skip), or nothing."""
+    offsets = rope[0] - shared
+    if isinstance(schedule, FFNSkip):
+        return {"ffn": (schedule, offsets >= schedule.warmup)}
+    if schedule is None or schedule.max_skip == 0:
+        return {}
     limit = runner.swiftkv.layer if runner.swiftkv is not None else None
-    return layer_skip.run_matrix(rope[0] - shared, runner.num_layers, limit)
+    return {"run": schedule.run_matrix(offsets, runner.num_layers, limit)}

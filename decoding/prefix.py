@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from cfic.decoding.layerskip import LayerSkip, run_for
+from cfic.decoding.layerskip import FFNSkip, LayerSkip, skip_args
 from cfic.decoding.runner import KVCache, LayerRunner, TreeMask, forward
 from cfic.decoding.trie import SentenceTrie
 
@@ -96,7 +96,7 @@ def constrained_prefix_search(
     trie: SentenceTrie,
     top_k: int,
     max_steps: int,
-    layer_skip: LayerSkip | None = None,
+    layer_skip: LayerSkip | FFNSkip | None = None,
     prior: SearchPrior | None = None,
     lm_steps: bool | None = None,
 ) -> list[Prefix]:
@@ -145,7 +145,7 @@ def constrained_prefix_search(
         ids = torch.tensor([[p.tokens[-1] for p in live]], dtype=torch.long, device=runner.device)
         rope = torch.tensor([[shared + len(p.tokens) - 1 for p in live]], dtype=torch.long, device=runner.device)
         cache.ensure_room(len(live))
-        hidden = forward(runner, ids, rope, cache, mask, run=run_for(runner, layer_skip, rope, shared))
+        hidden = forward(runner, ids, rope, cache, mask, **skip_args(runner, layer_skip, rope, shared))
         rows = torch.log_softmax(runner.logits(hidden[0]), dim=-1)
         live = [Prefix(p.node, p.tokens, p.logprob_sum, (*p.positions, start + i), p.sentences, p.prior)
                 for i, p in enumerate(live)]

@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import inspect
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -258,6 +259,29 @@ class LayerRunner:
         out = layer(hidden, attention_mask=mask, position_embeddings=rope, use_cache=cache is not None, **extra)
         return out[0] if isinstance(out, tuple) else out
 
+    def run_layer_sparse_ffn(
+        self,
+        index: int,
+        hidden: Tensor,
+        rope: tuple[Tensor, Tensor],
+        cache: KVCache | None,
+        mask: Tensor | None,
+        ffn_columns: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        """The decoder layer with its FFN block run for ``ffn_columns`` only (FFN skipping): the steps of the
+        Llama-family decoder layer's forward — attention for every column (so the K/V stay complete), then the FFN
+        where asked. Returns the hidden states and, per column in ``ffn_columns``, cos(FFN block input, output)."""
+        layer = self.layers[index]
+        extra = {"cfic_gqa": True} if self._gqa else {}
+        extra[_cache_keyword(type(layer.self_attn))] = cache
+        attended, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden), attention_mask=mask,
+                                      position_embeddings=rope, use_cache=cache is not None, **extra)
+        hidden = hidden + attended
+        x = hidden[:, ffn_columns]
+        y = x + layer.mlp(layer.post_attention_layernorm(x))
+        cosine = F.cosine_similarity(x.float(), y.float(), dim=-1)[0]
+        return hidden.index_copy(1, ffn_columns, y), cosine
+
     def logits(self, hidden: Tensor) -> Tensor:
         """Final norm + LM head, in float32 for stable log-softmax."""
         return self.lm_head(self.norm(hidden)).float()
@@ -286,6 +310,7 @@ def forward(
     start: int = 0,
     hidden: Tensor | None = None,
     stop: int | None = None,
+    ffn: tuple[Any, Tensor] | None = None,
 ) -> Tensor:
     """Run the layers over ``input_ids`` ([batch, n]) and return the last hidden states (before the final norm).
 
@@ -299,6 +324,9 @@ def forward(
     ``stop``: run layers ``[start, stop)`` only and return every column's hidden states leaving them, without
     committing the cache: a second call with ``start=stop, hidden=...`` finishes the pass (the answerability probe
     reads a middle layer of the question pass this way).
+    ``ffn``: FFN skipping (``(FFNSkip, eligible)``, ``eligible`` a boolean ``[n]`` of the columns that may skip):
+    between the schedule's ``first`` and last skippable layer, a column drops out of the FFN blocks of the layers
+    after one whose FFN barely changed it (see ``decoding.layerskip.FFNSkip``).
     """
     n = input_ids.shape[1]
     sw = runner.swiftkv
@@ -327,6 +355,13 @@ def forward(
     if stop is not None and (outputs is not None or (sw is not None and stop > sw.layer)):
         raise ValueError("a pass that stops early returns every column, below the SwiftKV layer")
     narrowing = sw is not None and outputs is not None and sw.layer < runner.num_layers
+    ffn_layers = range(0)
+    if ffn is not None:
+        if run is not None:
+            raise ValueError("FFN skipping and a layer schedule exclude each other")
+        ffn_skip, eligible = ffn
+        ffn_layers = range(ffn_skip.first, ffn_skip.last(runner))
+        ffn_columns = torch.arange(n, device=hidden.device)  # columns still running their FFN blocks
     if mask is None and any(p is not None for p in partial):
         mask = causal_extension_mask(past, n, hidden.device)
     if cache is not None:
@@ -348,6 +383,10 @@ def forward(
                 # below l a mask-free pass used is_causal (fast kernel); the narrowed rows need explicit rows
                 mask = (mask if mask is not None else causal_extension_mask(past, n, hidden.device))[:, :, outputs]
         rows = partial[j]
+        if j in ffn_layers:
+            hidden, similar = runner.run_layer_sparse_ffn(j, hidden, (cos, sin), cache, mask, ffn_columns)
+            ffn_columns = ffn_columns[~((similar >= ffn_skip.threshold) & eligible[ffn_columns])]
+            continue
         if rows is None:
             hidden = runner.run_layer(j, hidden, (cos, sin), cache, mask)
             continue

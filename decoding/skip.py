@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cfic.decoding.layerskip import LayerSkip, run_for
+from cfic.decoding.layerskip import FFNSkip, LayerSkip, skip_args
 from cfic.decoding.prefix import Prefix
 from cfic.decoding.runner import KVCache, LayerRunner, TreeMask, forward
 
@@ -71,7 +71,7 @@ def skip_decode_span_end(
     budget: int,
     eos_ids: tuple[int, ...],
     shared: int,
-    layer_skip: LayerSkip | None = None,
+    layer_skip: LayerSkip | FFNSkip | None = None,
 ) -> list[SpanEnd]:
     """One batched teacher-forced pass; returns one ``SpanEnd`` per start, in order.
 
@@ -104,7 +104,7 @@ def skip_decode_span_end(
     rope_t = torch.tensor([rope], device=dev)
     hidden = forward(runner, torch.tensor([ids], device=dev), rope_t, cache, mask,
                      outputs=torch.tensor(rows, dtype=torch.long, device=dev),
-                     run=run_for(runner, layer_skip, rope_t, shared))
+                     **skip_args(runner, layer_skip, rope_t, shared))
     probs = torch.softmax(runner.logits(hidden[0]), dim=-1)[:, list(eos_ids)].sum(-1).tolist()
     out, k = [], 0
     for c in conts:
@@ -125,7 +125,7 @@ def greedy_span_end(
     budget: int,
     eos_ids: tuple[int, ...],
     shared: int,
-    layer_skip: LayerSkip | None = None,
+    layer_skip: LayerSkip | FFNSkip | None = None,
 ) -> list[SpanEnd]:
     """The path Skip Decoding replaces: decode token by token under the document constraint (the only allowed
     tokens are the document's next token, or end-of-evidence at a sentence boundary); stop at the first boundary
@@ -149,7 +149,7 @@ def greedy_span_end(
         mask = masks.build([histories[i] for i in live], new_positions, base + len(live), runner.device)
         ids = torch.tensor([[conts[i].tokens[step] for i in live]], device=runner.device)
         rope = torch.tensor([[shared + len(conts[i].prefix.positions) + step for i in live]], device=runner.device)
-        hidden = forward(runner, ids, rope, cache, mask, run=run_for(runner, layer_skip, rope, shared))
+        hidden = forward(runner, ids, rope, cache, mask, **skip_args(runner, layer_skip, rope, shared))
         logprobs = torch.log_softmax(runner.logits(hidden[0]), dim=-1)
         for j, i in enumerate(live):
             histories[i].append(base + j)

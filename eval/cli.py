@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cfic.cli import LayerSkipOpt, LayerSkipWarmupOpt, SwiftKVGroupOpt, SwiftKVLayerOpt, SwiftKVOpt
+from cfic.cli import FFNSkipOpt, LayerSkipOpt, LayerSkipWarmupOpt, SwiftKVGroupOpt, SwiftKVLayerOpt, SwiftKVOpt
 
 DATASET_HELP = "nq (default), hotpotqa, squad, nq-long, or generic (your --data-file in the generic schema)."
 METHODS_HELP = ("Comma-separated: cfic, cfic-lm-only, cfic-no-skip, cfic-zero-shot, prior, embedding, bm25, generate, "
@@ -50,6 +50,7 @@ def evaluate_command(
     swiftkv: SwiftKVOpt = None,
     layer_skip: LayerSkipOpt = None,
     layer_skip_warmup: LayerSkipWarmupOpt = None,
+    ffn_skip: FFNSkipOpt = None,
 ) -> None:
     """Measure cfic and every baseline on the same documents; write report.json, report.md and a plot."""
     from cfic.errors import CficError
@@ -60,16 +61,18 @@ def evaluate_command(
     from cfic.eval.report import PLOT_NAME, markdown_table
     from cfic.eval.runner import evaluate
 
-    options, swiftkv = acceleration_options(swiftkv_layer, swiftkv_group, swiftkv, layer_skip, layer_skip_warmup)
+    options, swiftkv = acceleration_options(swiftkv_layer, swiftkv_group, swiftkv, layer_skip, layer_skip_warmup,
+                                            ffn_skip)
     # only options that change something (--layer-skip 0 alone would add a row identical to cfic)
-    changes = swiftkv != "auto" or options.get("swiftkv_layer") or options.get("layer_skip")
+    changes = (swiftkv != "auto" or options.get("swiftkv_layer") or options.get("layer_skip")
+               or options.get("ffn_skip") is not None)
     acceleration = {"options": options, "swiftkv": swiftkv} if changes else None
     out = out or f"runs/eval-{dataset}"
     command = _command_line(dataset=dataset, split=None if split == "eval" else split, data_file=data_file,
                             limit=limit, seed=seed, methods=methods,
                             out=out, model=model, k=k, threshold=threshold, swiftkv_layer=swiftkv_layer,
                             swiftkv_group=swiftkv_group, swiftkv=swiftkv, layer_skip=layer_skip,
-                            layer_skip_warmup=layer_skip_warmup)
+                            layer_skip_warmup=layer_skip_warmup, ffn_skip=ffn_skip)
     report = evaluate(dataset, split=split, data_file=data_file, limit=limit, seed=seed, methods=methods, out=out,
                       model=model, k=k, threshold=threshold, progress=not quiet, command=command, resume=resume,
                       acceleration=acceleration)

@@ -119,7 +119,8 @@ class EvalContext:
         """The main grounder's weights, prior and settings plus ``acceleration`` (``{"options": GroundingConfig
         options, "swiftkv": file or "bundled" or None}``, as :func:`cfic.config.acceleration_options` returns)."""
         if self.acceleration is None:
-            raise CficError(f"{ACCEL_METHOD} needs an acceleration option (--swiftkv, --swiftkv-layer, --layer-skip)")
+            raise CficError(f"{ACCEL_METHOD} needs an acceleration option (--swiftkv, --swiftkv-layer, --layer-skip, "
+                            "--ffn-skip)")
         if self._accel is None:
             from cfic.grounder import Grounder, load_swiftkv
 
@@ -348,7 +349,8 @@ class PriorMethod(Method):
     def run(self, ctx: EvalContext, example: Example, state: Any, budget: Budget) -> MethodOutput:
         units, prior, feats, weights = state
         query = prior.query_vector(example.question)
-        logits = np.concatenate([prior.signals(example.question, query, f) @ weights.signal_weights for f in feats])
+        logits = np.concatenate([s @ weights.signal_weights
+                                 for s in prior.document_signals(example.question, query, feats)])
         picked = _top(logits, budget.sentences)
         return MethodOutput(units.spans(picked), sentences=len(picked))
 

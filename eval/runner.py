@@ -170,7 +170,8 @@ def evaluate(
     if acceleration is not None and ACCEL_METHOD not in names:
         names.append(ACCEL_METHOD)
     if acceleration is None and ACCEL_METHOD in names:
-        raise CficError(f"{ACCEL_METHOD} needs an acceleration option (--swiftkv, --swiftkv-layer, --layer-skip)")
+        raise CficError(f"{ACCEL_METHOD} needs an acceleration option (--swiftkv, --swiftkv-layer, --layer-skip, "
+                        "--ffn-skip)")
     if out is not None and Path(out).exists() and not Path(out).is_dir():
         raise CficError(f"--out {str(out)!r} exists and is not a directory")
     examples = load_split(dataset, split, k=k, seed=seed, limit=limit, data_file=data_file)
@@ -180,8 +181,12 @@ def evaluate(
     ctx = EvalContext(model=model, grounder=grounder, seed=seed, acceleration=acceleration)
     if any(m.needs_lm for m in method_objs):
         ctx.grounder  # load the model before the progress bar starts  # noqa: B018
-    if ACCEL_METHOD in names:
-        ctx.accel_grounder  # a bad SwiftKV file or option fails here, before the journal starts  # noqa: B018
+    # A bad SwiftKV file or option fails here, before the journal starts. Options that leave the encoding alone
+    # (FFN or layer skipping) let both rows read the same encoding.
+    if ACCEL_METHOD in names and ctx.accel_grounder.model_key == ctx.grounder.model_key:
+        for m in method_objs:
+            if m.name == ACCEL_METHOD:
+                m.state_key = CficMethod.state_key
     if any(m.needs_embedder for m in method_objs):
         ctx.embedder  # noqa: B018
     settings = {"dataset": dataset, "data_file": None if data_file is None else Path(data_file).name,

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from cfic import CficError, GroundingConfig
 from cfic.decoding.encode import encode_question
-from cfic.decoding.layerskip import LayerSkip, check_consistent, run_for
+from cfic.decoding.layerskip import LayerSkip, check_consistent, skip_args
 from cfic.decoding.prefix import constrained_prefix_search
 from cfic.decoding.runner import TreeMask
 from cfic.decoding.skip import _continuation, candidates, greedy_span_end, skip_decode_span_end
@@ -102,7 +102,7 @@ def test_the_packed_layout_never_reads_skipped_kv(loaded):
     base = cache.length
     mask, rope, base = skip_pass_layout(enc, window, starts, shared, base, budget=12)
     skip = LayerSkip(3, 1, 12)
-    run = run_for(g.runner, skip, rope, shared)
+    run = skip_args(g.runner, skip, rope, shared).get("run")
     assert run is not None and not bool(run.all())
     assert check_consistent(run, mask, base)
     wrong = run.flip(1)  # earliest tokens skip most
@@ -170,7 +170,7 @@ def test_skipped_kv_are_zero_and_earlier_cache_untouched(loaded):
         skip_decode_span_end(g.runner, cache, starts, enc.answer_ids, enc.segment_ids, window.last, 24,
                              g.template.eos_ids, shared, skip)
     _, rope, _ = skip_pass_layout(enc, window, starts, shared, base, budget=24)
-    run = run_for(g.runner, skip, rope, shared)
+    run = skip_args(g.runner, skip, rope, shared).get("run")
     for j, (k, old) in enumerate(zip(cache.keys, before, strict=True)):
         assert torch.equal(k[:, :, :base], old)
         new = k[0, :, base: cache.length]  # [heads, n, dim]

@@ -85,7 +85,9 @@ def test_help_lists_distill_swiftkv():
      (["--swiftkv", " "], "--swiftkv is empty"),
      (["--layer-skip", "-1"], "layer_skip must be a non-negative integer"),
      (["--layer-skip-warmup", "2"], "needs --layer-skip"),
-     (["--layer-skip", "2", "--layer-skip-warmup", "-1"], "layer_skip_warmup")],
+     (["--layer-skip", "2", "--layer-skip-warmup", "-1"], "layer_skip_warmup"),
+     (["--ffn-skip", "1.5"], "ffn_skip must be a cosine threshold"),
+     (["--ffn-skip", "0.9", "--layer-skip", "2"], "exclude each other")],
 )
 @pytest.mark.parametrize("command", ["ground", "serve"])
 def test_bad_acceleration_options_are_one_line_errors(files, command, args, needle):
@@ -112,3 +114,13 @@ def test_bench_refuses_bad_lm_weights_before_loading_a_model(weights):
     err = res.stderr.decode()
     assert res.returncode == 2, err
     assert "--lm-weights" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("args", "needle"), [(["--many-documents", "1,x"], "--many-documents"),
+                                              (["--many-documents", "0,5"], "--many-documents"),
+                                              (["--plot", "curve.png"], "--plot")])
+def test_bench_refuses_bad_many_documents_options_before_loading_a_model(args, needle):
+    res = run_cli("bench", "--no-core", "--no-accel", *args)
+    err = res.stderr.decode()
+    assert res.returncode == 2, err
+    assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -263,3 +263,43 @@ def test_distinct_spans_start_again_outside_merged_spans(tiny_loaded, prior_grou
     assert len(pieces[False]) < 3  # this document and model make the top-3 spans overlap: the case under test
     assert len(pieces[True]) == 3
     assert all(a[1] <= b[0] for a, b in zip(pieces[True], pieces[True][1:], strict=False))  # disjoint
+
+
+OFF_TOPIC = [
+    "Flour, eggs and butter make a cake. Bake it for forty minutes. Let it cool before slicing.",
+    "Chess openings control the centre early. Knights move in an L shape. Castling protects the king.",
+    "Income tax is due every April. Receipts must be kept for six years. Late filing costs a fee.",
+]
+
+
+def test_many_documents_read_only_those_holding_the_best_starts(tiny_loaded, prior_grounder):
+    """LM weight 0: the prior picks the starts over all documents, so only the documents holding the best ones are
+    read by the model, and the evidence is what grounding in that document alone gives."""
+    cfg = prior_grounder.config.with_options(prior=PriorWeights(10.0, 5.0, 1.0, 0.0))
+    g = Grounder(tiny_loaded, cfg, sentence_prior=prior_grounder.sentence_prior)
+    docs = [OFF_TOPIC[0], DOC, *OFF_TOPIC[1:]]
+    planned = g._plan(g._normalise(docs))
+    signals = g._signals(QUERY, planned)
+    log_priors = SentencePrior.log_priors(signals, cfg.prior)
+    assert sum(float(np.exp(lp).sum()) for lp in log_priors) == pytest.approx(1.0, abs=1e-5)
+    assert g._documents_to_read(log_priors, cfg) == {1}  # the river document holds the six best sentences
+    assert g._documents_to_read(log_priors, cfg.with_options(prior=PriorWeights(10.0, 5.0, 1.0, 0.5))) is None
+
+    many = g.ground(QUERY, docs, abstain=False)
+    alone = g.ground(QUERY, [DOC], abstain=False)
+    assert [(e.document_index, e.sentence_start, e.sentence_end, e.text) for e in many.evidence] == [
+        (1, e.sentence_start, e.sentence_end, e.text) for e in alone.evidence]
+    assert many.usage.input_tokens == alone.usage.input_tokens  # the off-topic documents were never read
+    # every score is the sentence's share of the prior over all documents: the river document's mass scales it
+    mass = float(np.exp(log_priors[1]).sum())
+    for a, b in zip(many.evidence, alone.evidence, strict=True):
+        assert a.score == pytest.approx(b.score * mass, rel=1e-4)
+
+
+def test_one_documents_prior_is_unchanged_by_the_joint_normalisation(prior_grounder):
+    planned = prior_grounder._plan(prior_grounder._normalise([DOC]))
+    sig = prior_grounder._signals(QUERY, planned)
+    w = prior_grounder.config.prior
+    np.testing.assert_allclose(SentencePrior.log_priors(sig, w)[0], SentencePrior.log_prior(sig[0], w), atol=1e-6)
+    alone = SentencePrior.signals(QUERY, prior_grounder.sentence_prior.query_vector(QUERY), planned[0].features)
+    np.testing.assert_allclose(sig[0], alone)
