@@ -328,26 +328,46 @@ class Grounder:
         query_ids = [self.template.query_ids(self.tokenizer, q, cfg.max_query_tokens) for q in queries]
         t0 = time.perf_counter()
         docs = self._normalise(documents)
-        n_cached = sum(d.n_tokens for d in docs if isinstance(d, DocumentEncoding))
-        planned = self._plan(docs)
-        signals = [self._signals(q, planned) if use_prior else None for q in queries]
+        encodings: list[Any] = self._plan(docs)
+        signals = [self._signals(q, encodings) if use_prior else None for q in queries]
         log_priors = [None if sig is None or cfg.prior is None else SentencePrior.log_priors(sig, cfg.prior)
                       for sig in signals]
-        wanted = [self._documents_to_read(lp, cfg) for lp in log_priors]
-        need = None if any(w is None for w in wanted) else set().union(*wanted)
-        encodings = self._read(planned, need, cancel=cancel)
-        encode_ms = (time.perf_counter() - t0) * 1000
+        orders = [self._reading_order(lp, cfg) for lp in log_priors]
+        fresh: set[int] = set()
+        if any(o is None for o in orders):  # some question needs every document: read them in one batched prefill
+            fresh = {j for j, e in enumerate(encodings) if isinstance(e, DocumentPlan)}
+            encodings = self._read(encodings, None, cancel=cancel)
+        setup_ms = (time.perf_counter() - t0) * 1000
+        probe = cfg.abstention.probe if cfg.abstention is not None else None
         results = []
         for qi, (query, ids) in enumerate(zip(queries, query_ids, strict=True)):
             t1 = time.perf_counter()
-            read = [e for j, e in enumerate(encodings) if wanted[qi] is None or j in wanted[qi]]
-            usage = Usage(encode_ms=encode_ms if qi == 0 else 0.0,
-                          cached_tokens=n_cached if qi == 0 else sum(e.n_tokens for e in read))
-            with torch.inference_mode():
-                spans, p_end_first, probe_logit = self._spans(ids, encodings, cfg, skip_decoding, usage,
-                                                              log_priors[qi], wanted[qi], cancel,
-                                                              probe=cfg.abstention.probe
-                                                              if cfg.abstention is not None else None)
+            usage = Usage(encode_ms=setup_ms if qi == 0 else 0.0)
+            read_here = set(fresh) if qi == 0 else set()
+            order = orders[qi]
+            spans: list[_Span] = []
+            p_end_first, probe_logit = 1.0, None
+            used: list[int] = []
+            batch = list(range(len(encodings))) if order is None else self._first_reads(log_priors[qi], order, cfg)
+            rest = [] if order is None else [d for d in order if d not in batch]
+            while batch:
+                new = {j for j in batch if isinstance(encodings[j], DocumentPlan)}
+                if new:
+                    t = time.perf_counter()
+                    encodings = self._read(encodings, new, cancel=cancel)
+                    usage.encode_ms += (time.perf_counter() - t) * 1000
+                    read_here |= new
+                with torch.inference_mode():
+                    found, p_end, logit = self._spans(ids, encodings, cfg, skip_decoding, usage, log_priors[qi],
+                                                      set(batch), cancel, probe=probe)
+                spans += found
+                p_end_first = min(p_end_first, p_end)
+                probe_logit = logit if probe_logit is None else (probe_logit if logit is None
+                                                                 else min(probe_logit, logit))
+                used += batch
+                if not rest or self._settled(spans, float(log_priors[qi][rest[0]].max()), cfg):
+                    break
+                batch, rest = rest[:1], rest[1:]
             evidence = self._rank(spans, encodings, cfg)
             p_none = None
             if cfg.abstention is not None and (signals[qi] is not None or not cfg.abstention.needs_signals):
@@ -356,7 +376,8 @@ class Grounder:
                                                                         probe_logit))
                 if (cfg.abstention.enabled if abstain is None else abstain) and cfg.abstention.abstains(p_none):
                     evidence = []
-            usage.input_tokens = sum(e.n_tokens for e in read) + len(ids) * sum(len(e.windows) for e in read)
+            usage.cached_tokens = sum(encodings[j].n_tokens for j in used if j not in read_here)
+            usage.input_tokens = sum(encodings[j].n_tokens + len(ids) * len(encodings[j].windows) for j in used)
             usage.latency_ms = (time.perf_counter() - t1) * 1000 + usage.encode_ms
             results.append(GroundingResult(query, self.model_name, evidence, not evidence, usage, p_none))
         return results
@@ -372,17 +393,36 @@ class Grounder:
         return SentencePrior.document_signals(query, vector, [e.features for e in planned])
 
     @staticmethod
-    def _documents_to_read(log_priors: list | None, cfg: GroundingConfig) -> set[int] | None:
-        """With the LM-free start search (LM weight 0) the prior alone picks where evidence starts, so only the
-        documents holding the best starts over all documents need the model: those holding the top ``top_k``
-        sentences, and the reserve ``distinct_spans`` may draw on. None: every document (one document, no prior,
-        an LM-weighted search, or ``read_all_documents``)."""
+    def _reading_order(log_priors: list | None, cfg: GroundingConfig) -> list[int] | None:
+        """With the LM-free start search (LM weight 0) the prior alone picks where evidence starts and scores every
+        span (the prior mass of its start), so documents can be read best first — by their best sentence — and
+        reading can stop once no unread document could place a span among the top ``top_k``. None: read every
+        document (one document, no prior, an LM-weighted search, or ``read_all_documents``)."""
         if (log_priors is None or len(log_priors) < 2 or cfg.prior is None or cfg.prior.lm != 0.0
                 or cfg.read_all_documents):
             return None
+        best = [float(lp.max()) if len(lp) else -math.inf for lp in log_priors]
+        return sorted(range(len(log_priors)), key=lambda d: (-best[d], d))
+
+    @staticmethod
+    def _first_reads(log_priors: list, order: list[int], cfg: GroundingConfig) -> list[int]:
+        """The documents holding the top ``top_k`` sentences over all documents (and the ``distinct_spans`` reserve),
+        in reading order: read together in one batched prefill before any stopping check."""
         owner = np.concatenate([np.full(len(lp), d) for d, lp in enumerate(log_priors)])
-        best = np.argsort(-np.concatenate(log_priors), kind="stable")[: cfg.top_k * (2 if cfg.distinct_spans else 1)]
-        return {int(owner[i]) for i in best}
+        top = np.argsort(-np.concatenate(log_priors), kind="stable")[: cfg.top_k * (2 if cfg.distinct_spans else 1)]
+        chosen = {int(owner[i]) for i in top}
+        return [d for d in order if d in chosen]
+
+    @staticmethod
+    def _settled(spans: list[_Span], next_best_log_prior: float, cfg: GroundingConfig) -> bool:
+        """True when the next unread document (best sentence ``next_best_log_prior``, the highest score any of its
+        spans can have, up to identical duplicate sentences) cannot enter the top ``top_k``: ``top_k`` spans already
+        score at least that, or it cannot pass the threshold."""
+        bound = math.exp(next_best_log_prior)
+        if cfg.threshold is not None and bound < cfg.threshold:
+            return True
+        scores = sorted((s.score for s in spans), reverse=True)
+        return len(scores) >= cfg.top_k and scores[cfg.top_k - 1] >= bound
 
     def _spans(self, query_ids: list[int], encodings: list[DocumentEncoding], cfg: GroundingConfig,
                skip_decoding: bool, usage: Usage, log_priors: list | None = None, only: set[int] | None = None,

@@ -273,27 +273,34 @@ OFF_TOPIC = [
 
 
 def test_many_documents_read_only_those_holding_the_best_starts(tiny_loaded, prior_grounder):
-    """LM weight 0: the prior picks the starts over all documents, so only the documents holding the best ones are
-    read by the model, and the evidence is what grounding in that document alone gives."""
+    """LM weight 0: the prior picks the starts over all documents and scores every span, so documents are read best
+    first until no unread one could enter the top k. The evidence is exactly what reading every document gives."""
     cfg = prior_grounder.config.with_options(prior=PriorWeights(10.0, 5.0, 1.0, 0.0))
     g = Grounder(tiny_loaded, cfg, sentence_prior=prior_grounder.sentence_prior)
+    everything = Grounder(tiny_loaded, cfg.with_options(read_all_documents=True),
+                          sentence_prior=prior_grounder.sentence_prior)
     docs = [OFF_TOPIC[0], DOC, *OFF_TOPIC[1:]]
     planned = g._plan(g._normalise(docs))
-    signals = g._signals(QUERY, planned)
-    log_priors = SentencePrior.log_priors(signals, cfg.prior)
+    log_priors = SentencePrior.log_priors(g._signals(QUERY, planned), cfg.prior)
     assert sum(float(np.exp(lp).sum()) for lp in log_priors) == pytest.approx(1.0, abs=1e-5)
-    assert g._documents_to_read(log_priors, cfg) == {1}  # the river document holds the six best sentences
-    assert g._documents_to_read(log_priors, cfg.with_options(prior=PriorWeights(10.0, 5.0, 1.0, 0.5))) is None
+    order = g._reading_order(log_priors, cfg)
+    assert order[0] == 1 and sorted(order) == [0, 1, 2, 3]  # the river document first
+    assert g._first_reads(log_priors, order, cfg) == [1]  # it holds the three best sentences
+    assert g._reading_order(log_priors, cfg.with_options(prior=PriorWeights(10.0, 5.0, 1.0, 0.5))) is None
+    assert everything._reading_order(log_priors, everything.config) is None
 
-    many = g.ground(QUERY, docs, abstain=False)
-    alone = g.ground(QUERY, [DOC], abstain=False)
-    assert [(e.document_index, e.sentence_start, e.sentence_end, e.text) for e in many.evidence] == [
-        (1, e.sentence_start, e.sentence_end, e.text) for e in alone.evidence]
-    assert many.usage.input_tokens == alone.usage.input_tokens  # the off-topic documents were never read
-    # every score is the sentence's share of the prior over all documents: the river document's mass scales it
-    mass = float(np.exp(log_priors[1]).sum())
-    for a, b in zip(many.evidence, alone.evidence, strict=True):
-        assert a.score == pytest.approx(b.score * mass, rel=1e-4)
+    for top_k in (1, 3, 6):  # 6: more pieces than the river document gives, so others must be read too
+        lazy = g.ground(QUERY, docs, top_k=top_k, abstain=False)
+        full = everything.ground(QUERY, docs, top_k=top_k, abstain=False)
+        assert [(e.document_index, e.sentence_start, e.sentence_end, e.text) for e in lazy.evidence] == [
+            (e.document_index, e.sentence_start, e.sentence_end, e.text) for e in full.evidence]
+        assert [e.score for e in lazy.evidence] == pytest.approx([e.score for e in full.evidence], rel=1e-5)
+        if top_k == 1:  # the off-topic documents were never read
+            alone = g.ground(QUERY, [DOC], top_k=1, abstain=False)
+            assert lazy.usage.input_tokens == alone.usage.input_tokens < full.usage.input_tokens
+            mass = float(np.exp(log_priors[1]).sum())  # a score is the start's share of the prior over all docs
+            assert lazy.evidence[0].score == pytest.approx(alone.evidence[0].score * mass, rel=1e-4)
+    assert {e.document_index for e in g.ground(QUERY, docs, top_k=6, abstain=False).evidence} - {1}
 
 
 def test_one_documents_prior_is_unchanged_by_the_joint_normalisation(prior_grounder):
