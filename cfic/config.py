@@ -29,9 +29,9 @@ class GroundingConfig:
     minus BM25 -0.008 vs +0.005; NQ train-60 answer recall 0.950 either way) for 41-47% more evidence tokens and a
     43-45% longer skip pass (BENCHMARKS.md, "Distinct spans").
     ``read_all_documents``: with several documents and the LM-free start search, the prior ranks the sentences of
-    all documents together and only the documents holding the best starts (the top ``top_k``, and the reserve of
-    ``distinct_spans``) are read by the model; True reads every document anyway (the evidence then may also come
-    from a span a lower-ranked start would begin; ``cfic bench --many-documents`` measures both).
+    all documents together, documents are read best first and reading stops once no unread document could enter
+    the top ``top_k`` (the same evidence as reading all); True reads every document up front in one batched
+    prefill (``cfic bench --many-documents`` measures both).
     ``max_span_tokens``: the skip-decoding budget d; a span never runs past it (the paper's d = 256; 128 here: shorter
     evidence, half the skip-decoding work).
     ``max_sentence_tokens``: longer run-on sentences are cut at word boundaries.
