@@ -220,3 +220,34 @@ def test_abstention_is_scored_and_every_threshold_is_reported(tmp_path, tiny_loa
     assert never["no_evidence_accuracy"] == pytest.approx(np.mean([r["answerable"] for r in cfic]))
     assert (out / "abstention_tradeoff.png").read_bytes()[:4] == b"\x89PNG"
     assert "Abstention (cfic)" in (out / "report.md").read_text()
+
+
+def test_the_training_split_is_measured_on_request_and_named_in_the_report(tiny_grounder, tmp_path):
+    """``split="train"`` reads the training side (where design choices are decided), never the evaluation one."""
+    from cfic.eval.datasets import load_split
+
+    report = evaluate("hotpotqa", split="train", limit=2, methods="bm25", grounder=tiny_grounder, progress=False,
+                      out=tmp_path / "t")
+    assert report["split"] == "train" and report["n"] == 2
+    ids = {json.loads(line)["example_id"] for line in (tmp_path / "t" / "examples.jsonl").read_text().splitlines()}
+    assert ids == {e.id for e in load_split("hotpotqa", "train", limit=2)}
+    assert not ids & {e.id for e in load_split("hotpotqa", "eval")}
+    assert "(train split)" in (tmp_path / "t" / "report.md").read_text()
+    with pytest.raises(CficError, match="no 'train' split"):
+        evaluate("nq-long", split="train", methods="bm25", grounder=tiny_grounder)
+
+
+def test_options_that_keep_the_encoding_share_it_between_cfic_and_cfic_accel(nq_file, small_grounder, tmp_path):
+    """FFN skipping leaves the encoding alone: the accelerated row reads cfic's encoding instead of its own (one
+    prefill per document, so both rows report the very same encode time)."""
+    from cfic.eval.methods import EvalContext
+
+    accel = {"options": {"ffn_skip": 0.9}, "swiftkv": None}
+    assert EvalContext(grounder=small_grounder, acceleration=accel).accel_grounder.model_key == \
+        small_grounder.model_key
+    report = evaluate("nq", data_file=nq_file, k=3, limit=2, seed=1, methods="cfic", grounder=small_grounder,
+                      progress=False, acceleration=accel, out=tmp_path)
+    assert report["methods"]["cfic-accel"]["n"] == 2 and report["methods"]["cfic-accel"]["verbatim_rate"] == 1.0
+    rows = [json.loads(line) for line in (tmp_path / "examples.jsonl").read_text().splitlines()]
+    encode = {(r["method"], r["example_id"]): r["stages"]["encode_ms"] for r in rows}
+    assert {e for _, e in encode} and all(encode["cfic", e] == encode["cfic-accel", e] for _, e in encode)
