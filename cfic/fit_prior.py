@@ -109,10 +109,11 @@ def question_search(grounder: Any, encodings: list[Any], question: str,
     signals = SentencePrior.document_signals(question, vector, [e.features for e in encodings])
     searches: list[tuple[list[tuple[float, int]], float]] = [([], -1e9) for _ in priors]
     p_end = 1.0
+    log_priors = [None if w is None else SentencePrior.log_priors(signals, w) for w in priors]
     with torch.inference_mode():
         for d, enc in enumerate(encodings):
-            sps = [None if w is None else SearchPrior(torch.from_numpy(SentencePrior.log_priors(signals, w)[d]), w.lm)
-                   for w in priors]
+            sps = [None if w is None else SearchPrior(torch.from_numpy(lp[d]), w.lm)
+                   for w, lp in zip(priors, log_priors, strict=True)]
             for window in enc.windows:
                 cache, first = encode_question(grounder.runner, window, query_ids, room)
                 p_end = min(p_end, end_probability(first, grounder.template.eos_ids))

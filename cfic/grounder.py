@@ -332,7 +332,9 @@ class Grounder:
         signals = [self._signals(q, encodings) if use_prior else None for q in queries]
         log_priors = [None if sig is None or cfg.prior is None else SentencePrior.log_priors(sig, cfg.prior)
                       for sig in signals]
-        orders = [self._reading_order(lp, cfg) for lp in log_priors]
+        # Acting on the abstention model reads every document: its features are minimums over all windows.
+        acting = cfg.abstention is not None and (cfg.abstention.enabled if abstain is None else abstain)
+        orders = [None if acting else self._reading_order(lp, cfg) for lp in log_priors]
         fresh: set[int] = set()
         if any(o is None for o in orders):  # some question needs every document: read them in one batched prefill
             fresh = {j for j, e in enumerate(encodings) if isinstance(e, DocumentPlan)}
@@ -378,7 +380,8 @@ class Grounder:
                     evidence = []
             usage.cached_tokens = sum(encodings[j].n_tokens for j in used if j not in read_here)
             usage.input_tokens = sum(encodings[j].n_tokens + len(ids) * len(encodings[j].windows) for j in used)
-            usage.latency_ms = (time.perf_counter() - t1) * 1000 + usage.encode_ms
+            # reads inside the loop are already in the wall time since t1; the up-front work is not
+            usage.latency_ms = (time.perf_counter() - t1) * 1000 + (setup_ms if qi == 0 else 0.0)
             results.append(GroundingResult(query, self.model_name, evidence, not evidence, usage, p_none))
         return results
 
@@ -396,7 +399,10 @@ class Grounder:
     def _reading_order(log_priors: list | None, cfg: GroundingConfig) -> list[int] | None:
         """With the LM-free start search (LM weight 0) the prior alone picks where evidence starts and scores every
         span (the prior mass of its start), so documents can be read best first — by their best sentence — and
-        reading can stop once no unread document could place a span among the top ``top_k``. None: read every
+        reading can stop once no unread document could place a span among the top ``top_k``. The evidence is then
+        that of reading every document (up to identical duplicate sentences and prefixes cut at
+        ``max_prefix_tokens``, whose mass can exceed one sentence's); ``no_evidence_probability`` is computed over the
+        documents read (a question that acts on it reads them all). None: read every
         document (one document, no prior, an LM-weighted search, or ``read_all_documents``)."""
         if (log_priors is None or len(log_priors) < 2 or cfg.prior is None or cfg.prior.lm != 0.0
                 or cfg.read_all_documents):

@@ -47,7 +47,7 @@ class SearchPrior:
     ``prior`` is the log of the prior mass of the sentences below its trie node (it can only shrink as the prefix
     grows, so early steps keep the sentences the prior likes in the beam)."""
 
-    log_prior: Tensor  # (document sentences,) float32, log-normalised over the document
+    log_prior: Tensor  # (document sentences,) float32, log-normalised over all documents of the question
     lm_weight: float = 1.0
 
     def mass(self, sentences: list[int]) -> float:
