@@ -21,7 +21,7 @@ from typing import Annotated
 
 import typer
 
-from cfic.cli import FFNSkipOpt
+from cfic.cli_options import FFNSkipOpt
 
 log = logging.getLogger("cfic.api")
 

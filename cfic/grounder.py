@@ -29,6 +29,7 @@ from cfic.decoding.prefix import Prefix, SearchPrior, constrained_prefix_search,
 from cfic.decoding.runner import LayerRunner
 from cfic.decoding.skip import SpanEnd, candidates, greedy_span_end, skip_decode_span_end
 from cfic.decoding.swiftkv import SwiftKV
+from cfic.documents import as_document
 from cfic.errors import CficError, GroundingCancelled
 from cfic.models import LoadedModel, adapter_settings, eos_token_ids, load_model
 from cfic.prior import SentencePrior, abstention_features
@@ -211,35 +212,20 @@ class Grounder:
 
     # ---------------------------------------------------------------- encoding
     def _normalise(self, documents: Iterable[DocumentInput]) -> list[DocumentInput]:
+        """Documents as :func:`cfic.documents.as_document` reads them (ids default to the position); encodings
+        pass through when this grounder's model and configuration made them."""
         if isinstance(documents, (str, bytes, dict, Document, DocumentEncoding)):
             raise CficError("documents must be a list (of strings, dicts, Documents or DocumentEncodings)")
-        docs = list(documents)
-        if not docs:
-            raise CficError("no documents given")
         out: list[DocumentInput] = []
-        for i, doc in enumerate(docs):
-            if isinstance(doc, DocumentEncoding):
-                if doc.model_key != self.model_key:
-                    raise CficError(f"document {i} was encoded by another model or configuration")
-                out.append(doc)
-            elif isinstance(doc, str):
-                out.append(Document(doc, str(i)))
-            elif isinstance(doc, Document):
-                out.append(Document(doc.text, doc.id if doc.id is not None else str(i), doc.metadata))
-            elif isinstance(doc, dict):
-                if "text" not in doc:
-                    raise CficError(f"document {i} has no 'text'")
-                extra = set(doc) - {"id", "text", "metadata"}
-                if extra:
-                    raise CficError(f"document {i} has unknown field(s): {', '.join(sorted(extra))}")
-                meta = doc.get("metadata")
-                meta = {} if meta is None else meta
-                if not isinstance(meta, dict):
-                    raise CficError(f"document {i}: metadata must be an object")
-                doc_id = doc.get("id")
-                out.append(Document(doc["text"], str(doc_id) if doc_id is not None else str(i), meta))
+        for i, doc in enumerate(documents):
+            if not isinstance(doc, DocumentEncoding):
+                out.append(as_document(doc, i))
+            elif doc.model_key != self.model_key:
+                raise CficError(f"document {i} was encoded by another model or configuration")
             else:
-                raise CficError(f"document {i} is a {type(doc).__name__}; expected str, dict or Document")
+                out.append(doc)
+        if not out:
+            raise CficError("no documents given")
         return out
 
     def encode(self, documents: Iterable[DocumentInput], progress: bool = False,

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cfic.cli import FFNSkipOpt, LayerSkipOpt, LayerSkipWarmupOpt, SwiftKVGroupOpt, SwiftKVLayerOpt, SwiftKVOpt
+from cfic.cli_options import FFNSkipOpt, LayerSkipOpt, LayerSkipWarmupOpt, SwiftKVGroupOpt, SwiftKVLayerOpt, SwiftKVOpt
 
 DATASET_HELP = "nq (default), hotpotqa, squad, nq-long, or generic (your --data-file in the generic schema)."
 METHODS_HELP = ("Comma-separated: cfic, cfic-lm-only, cfic-no-skip, cfic-zero-shot, prior, embedding, bm25, generate, "

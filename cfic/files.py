@@ -1,0 +1,86 @@
+"""Writing files so that a kill or a crash never leaves half of one: the index, checkpoints of training and
+distillation, converted models, probes and journals all go through these two functions.
+
+Readers see the old file (folder) or the new one. The temp is made next to the target, so the final rename stays on
+one filesystem and is atomic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+FILE_MODE = 0o666  # as any tool's file: read-write for the owner, readable as the umask allows
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable (not every filesystem lets a directory be opened)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | str | Callable[[str], None]) -> None:
+    """Temp file in the same folder, fsync, rename.
+
+    ``data`` is the bytes (a str is written as UTF-8), or a function that writes the temp file by name (faiss and
+    ``torch.save`` write large objects straight to disk instead of through an in-memory copy)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, FILE_MODE & ~_umask())  # mkstemp alone makes it 0600
+        with os.fdopen(fd, "wb") as fh:
+            if isinstance(data, (bytes, str)):
+                fh.write(data.encode() if isinstance(data, str) else data)
+            else:
+                fh.close()
+                data(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def write_folder_atomic(folder: str | os.PathLike, fill: Callable[[Path], None], *, replace: bool = True) -> None:
+    """``fill(temp_folder)`` writes the folder's content; then it takes ``folder``'s place.
+
+    ``replace=False``: when another process has already put a complete folder there (it holds ``config.json`` or
+    any file), keep theirs and drop ours -- two processes converting the same model both succeed."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    old = None
+    try:
+        fill(tmp)
+        if folder.exists():
+            if not replace:
+                return
+            old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.old."))
+            folder.rename(old / folder.name)
+        try:
+            tmp.rename(folder)
+        except OSError:
+            if replace or not folder.exists():
+                raise
+        fsync_dir(folder.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
