@@ -10,7 +10,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ from cfic.decoding.encode import (
 from cfic.decoding.layerskip import FFNSkip, LayerSkip
 from cfic.decoding.prefix import Prefix, SearchPrior, constrained_prefix_search, end_probability, rank
 from cfic.decoding.runner import LayerRunner
-from cfic.decoding.skip import SpanEnd, candidates, greedy_span_end, skip_decode_span_end
+from cfic.decoding.skip import SpanEnd, SpanSearch, candidates, greedy_span_end, skip_decode_span_end
 from cfic.decoding.swiftkv import SwiftKV
 from cfic.documents import as_document
 from cfic.errors import CficError, GroundingCancelled
@@ -109,6 +109,18 @@ def _uncovered(reserve: list[tuple[Prefix, int]], ends: list[SpanEnd], top_k: in
             out.append((prefix, start))
             covered.add(start)
     return out
+
+
+class GroundOptions(TypedDict, total=False):
+    """The per-call options of :meth:`Grounder.ground` and :meth:`Grounder.ground_batch`."""
+
+    top_k: int | None
+    max_span_tokens: int | None
+    threshold: float | None
+    skip_decoding: bool
+    use_prior: bool
+    abstain: bool | None
+    cancel: Callable[[], bool] | None
 
 
 class Grounder:
@@ -264,28 +276,17 @@ class Grounder:
         return out
 
     # ---------------------------------------------------------------- grounding
-    def ground(
-        self,
-        query: str,
-        documents: Iterable[DocumentInput],
-        *,
-        top_k: int | None = None,
-        max_span_tokens: int | None = None,
-        threshold: float | None = None,
-        skip_decoding: bool = True,
-        use_prior: bool = True,
-        abstain: bool | None = None,
-        cancel: Callable[[], bool] | None = None,
-    ) -> GroundingResult:
+    def ground(self, query: str, documents: Iterable[DocumentInput], **options: Unpack[GroundOptions]
+               ) -> GroundingResult:
         """Evidence for ``query``: at most ``top_k`` verbatim spans ranked by score across all documents.
 
-        ``use_prior=False`` runs the pure-LM prefix search even when the configuration has a prior (the
-        ablation); ``abstain`` acts on the ``no_evidence`` model (default: as its settings say, ``enabled``);
-        ``False`` still reports its probability but always returns the evidence. ``cancel`` is asked between
-        encode batches and between windows; True stops with :class:`~cfic.errors.GroundingCancelled`."""
-        return self.ground_batch([query], documents, top_k=top_k, max_span_tokens=max_span_tokens,
-                                 threshold=threshold, skip_decoding=skip_decoding, use_prior=use_prior,
-                                 abstain=abstain, cancel=cancel)[0]
+        ``options`` are :meth:`ground_batch`'s: ``top_k``, ``max_span_tokens``, ``threshold`` (per call, else the
+        configuration's); ``skip_decoding=False`` runs the greedy span-end ablation; ``use_prior=False`` the
+        pure-LM prefix search even when the configuration has a prior; ``abstain`` acts on the ``no_evidence``
+        model (default: as its settings say, ``enabled``; ``False`` still reports its probability but always
+        returns the evidence); ``cancel`` is asked between encode batches and between windows, True stops with
+        :class:`~cfic.errors.GroundingCancelled`."""
+        return self.ground_batch([query], documents, **options)[0]
 
     def ground_batch(
         self,
@@ -454,14 +455,13 @@ class Grounder:
                                                      layer_skip, search_prior)
                 t1 = time.perf_counter()
                 starts = candidates(prefixes[: cfg.top_k])
-                ends: list[SpanEnd] = find_end(self.runner, cache, starts, enc.answer_ids, enc.segment_ids,
-                                              window.last, cfg.max_span_tokens, self.template.eos_ids, shared,
-                                              layer_skip)
+                search = SpanSearch(enc.answer_ids, enc.segment_ids, window.last, cfg.max_span_tokens,
+                                    self.template.eos_ids, shared, layer_skip)
+                ends: list[SpanEnd] = find_end(self.runner, cache, starts, search)
                 more = _uncovered(candidates(prefixes[cfg.top_k:]), ends, cfg.top_k) if refill else []
                 if more:
                     starts += more
-                    ends += find_end(self.runner, cache, more, enc.answer_ids, enc.segment_ids, window.last,
-                                     cfg.max_span_tokens, self.template.eos_ids, shared, layer_skip)
+                    ends += find_end(self.runner, cache, more, search)
                 usage.prefix_ms += (t1 - t0) * 1000
                 usage.skip_ms += (time.perf_counter() - t1) * 1000
                 for (prefix, _), end in zip(starts, ends, strict=True):

@@ -97,8 +97,8 @@ class EncodedWindow:
 
 
 @dataclass(frozen=True)
-class DocumentEncoding:
-    """A document read once by the model: reusable for any number of questions. Never mutated after building.
+class SplitDocument:
+    """A document split into sentences and tokenised (what planning and encoding have in common).
 
     ``answer_ids[i]``: sentence i tokenised as the model emits it at the start of an answer (the trie's paths);
     ``segment_ids[i]``: the document text between sentence i-1's end and sentence i's end, as in the document (what
@@ -111,14 +111,20 @@ class DocumentEncoding:
     sentences: tuple[Sentence, ...]
     answer_ids: tuple[tuple[int, ...], ...]
     segment_ids: tuple[tuple[int, ...], ...]
-    windows: tuple[EncodedWindow, ...]
-    model_key: str
-    features: Any = None  # cfic.prior.SentenceFeatures when the grounder uses a sentence prior
 
     @property
     def n_tokens(self) -> int:
         """Document tokens (without the prompt head), counted once even where windows overlap."""
         return sum(len(s) for s in self.segment_ids)
+
+
+@dataclass(frozen=True)
+class DocumentEncoding(SplitDocument):
+    """A document read once by the model: reusable for any number of questions. Never mutated after building."""
+
+    windows: tuple[EncodedWindow, ...]
+    model_key: str
+    features: Any = None  # cfic.prior.SentenceFeatures when the grounder uses a sentence prior
 
     @property
     def nbytes(self) -> int:
@@ -126,17 +132,11 @@ class DocumentEncoding:
 
 
 @dataclass(frozen=True)
-class DocumentPlan:
-    """A document split and tokenised, not yet read by the model (``features``: the sentence prior's, when used).
-    Planning is cheap; reading (the prefill) is the cost, so a grounder can plan many documents and read only those
-    it needs."""
+class DocumentPlan(SplitDocument):
+    """A document split and tokenised, not yet read by the model (``windows``: sentence ranges; ``features``: the
+    sentence prior's, when used). Planning is cheap; reading (the prefill) is the cost, so a grounder can plan many
+    documents and read only those it needs."""
 
-    document_id: str
-    text: str
-    metadata: dict[str, Any]
-    sentences: tuple[Sentence, ...]
-    answer_ids: tuple[tuple[int, ...], ...]
-    segment_ids: tuple[tuple[int, ...], ...]
     windows: tuple[tuple[int, int], ...]
     features: Any = None
 

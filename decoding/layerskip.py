@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from cfic.decoding.runner import PLAIN, LayerHook, LayerPass, causal_extension_mask
+
 
 @dataclass(frozen=True)
 class LayerSkip:
@@ -87,14 +89,80 @@ class FFNSkip:
         return runner.swiftkv.layer if runner.swiftkv is not None else runner.num_layers - 1
 
 
-def skip_args(runner, schedule: LayerSkip | FFNSkip | None, rope: Tensor, shared: int) -> dict[str, object]:
-    """``forward`` keyword arguments for a pass whose tokens sit at rotary positions ``rope`` ([1, n]) after a
-    ``shared``-token prefix (offset = position - shared): ``run`` (SkipDecode), ``ffn`` (FFN skipping: the schedule
-    and which columns may skip), or nothing."""
+class SkippedLayers:
+    """SkipDecode for one pass: column ``c`` runs layer ``j`` only where ``run[j, c]``; a skipped layer leaves the
+    hidden state unchanged and writes zeros as that column's K/V there (finite, and never read: see the module
+    docstring)."""
+
+    def __init__(self, run: Tensor, device: torch.device):
+        self.run_matrix = run
+        self.rows: list[Tensor | None] = [None if bool(r.all()) else r.nonzero().squeeze(1).to(device) for r in run]
+
+    def begin(self, runner, state: LayerPass, start: int) -> None:
+        n = state.hidden.shape[1]
+        if self.run_matrix.shape != (runner.num_layers, n):
+            raise ValueError(f"run must be [{runner.num_layers}, {n}], got {tuple(self.run_matrix.shape)}")
+        if runner.swiftkv is not None and any(r is not None for r in self.rows[runner.swiftkv.layer:]):
+            raise ValueError("a layer schedule may only skip layers below the SwiftKV layer")
+        if state.mask is None and any(r is not None for r in self.rows):
+            state.mask = causal_extension_mask(state.past, n, state.hidden.device)
+        cache = state.cache
+        if cache is None:
+            return
+        zeroed = set()
+        for j, rows in enumerate(self.rows):
+            slot = cache.slot(j)
+            if rows is not None and j >= start and slot not in zeroed:
+                cache.keys[slot][:, :, state.past:state.past + n].zero_()
+                cache.values[slot][:, :, state.past:state.past + n].zero_()
+                zeroed.add(slot)
+
+    def run(self, runner, index: int, state: LayerPass) -> Tensor:
+        rows = self.rows[index]
+        if rows is None:
+            return runner.run_layer(index, state.hidden, state.rope, state.cache, state.mask)
+        if rows.numel() == 0:
+            return state.hidden
+        cache = state.cache
+        if cache is not None:
+            cache.rows = rows + state.past
+        cos, sin = state.rope
+        out = runner.run_layer(index, state.hidden[:, rows], (cos[:, rows], sin[:, rows]), cache,
+                               state.mask[:, :, rows] if state.mask is not None else None)
+        if cache is not None:
+            cache.rows = None
+        return state.hidden.index_copy(1, rows, out)
+
+
+class SparseFFN:
+    """FFN skipping for one pass (made fresh per pass): between the schedule's ``first`` and last skippable layer,
+    an ``eligible`` column drops out of the FFN blocks of the layers after one whose FFN barely changed it."""
+
+    def __init__(self, schedule: FFNSkip, eligible: Tensor):
+        self.schedule, self.eligible = schedule, eligible
+        self.columns: Tensor | None = None  # columns still running their FFN blocks
+        self.layers = range(0)
+
+    def begin(self, runner, state: LayerPass, start: int) -> None:
+        self.columns = torch.arange(state.hidden.shape[1], device=state.hidden.device)
+        self.layers = range(self.schedule.first, self.schedule.last(runner))
+
+    def run(self, runner, index: int, state: LayerPass) -> Tensor:
+        if index not in self.layers:
+            return runner.run_layer(index, state.hidden, state.rope, state.cache, state.mask)
+        hidden, similar = runner.run_layer_sparse_ffn(index, state, self.columns)
+        self.columns = self.columns[~((similar >= self.schedule.threshold) & self.eligible[self.columns])]
+        return hidden
+
+
+def layer_hook(runner, schedule: LayerSkip | FFNSkip | None, rope: Tensor, shared: int) -> LayerHook:
+    """How a pass runs its layers when its tokens sit at rotary positions ``rope`` ([1, n]) after a
+    ``shared``-token prefix (offset = position - shared): SkipDecode, FFN skipping, or every layer."""
     offsets = rope[0] - shared
     if isinstance(schedule, FFNSkip):
-        return {"ffn": (schedule, offsets >= schedule.warmup)}
+        return SparseFFN(schedule, offsets >= schedule.warmup)
     if schedule is None or schedule.max_skip == 0:
-        return {}
+        return PLAIN
     limit = runner.swiftkv.layer if runner.swiftkv is not None else None
-    return {"run": schedule.run_matrix(offsets, runner.num_layers, limit)}
+    run = schedule.run_matrix(offsets, runner.num_layers, limit)
+    return PLAIN if run is None else SkippedLayers(run, runner.device)

@@ -3,8 +3,8 @@
 Decoding may only follow the document's sentence trie. At every step each live prefix is extended by its allowed
 next tokens only (gathered from the full-vocabulary log-softmax, so scores are the model's real probabilities), the
 top-k prefixes by average log-probability survive, and a prefix stops as soon as it identifies one sentence. The
-surviving prefixes are packed into one sequence after the shared document+question cache with a tree attention mask,
-so forking a prefix never copies the cache.
+surviving prefixes are fed together, one ``decode_step`` per step (packed after the shared document + question with a
+tree mask, so forking a prefix never copies the cache).
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from cfic.decoding.layerskip import FFNSkip, LayerSkip, skip_args
-from cfic.decoding.runner import KVCache, LayerRunner, TreeMask, forward
+from cfic.decoding.layerskip import FFNSkip, LayerSkip
+from cfic.decoding.runner import KVCache, LayerRunner
+from cfic.decoding.step import Branch, decode_step
 from cfic.decoding.trie import SentenceTrie
 
 
@@ -115,7 +116,6 @@ def constrained_prefix_search(
     if not lm_steps and prior is None:
         raise ValueError("a search without LM steps needs a prior to rank by")
     shared = cache.length  # document + question: seen by every prefix
-    masks = TreeMask(shared)
     live = [Prefix(SentenceTrie.ROOT, (), 0.0, ())]
     rows = first_logprobs.unsqueeze(0)
     # without LM steps every log-probability weighs 0 in the ranking
@@ -139,16 +139,11 @@ def constrained_prefix_search(
             rows = unscored.expand(len(live), -1)
             continue
         # Feed each live prefix's newest token; all of them in one packed row.
-        start = cache.length
-        new_positions = [[start + i] for i in range(len(live))]
-        mask = masks.build([list(p.positions) for p in live], new_positions, start + len(live), runner.device)
-        ids = torch.tensor([[p.tokens[-1] for p in live]], dtype=torch.long, device=runner.device)
-        rope = torch.tensor([[shared + len(p.tokens) - 1 for p in live]], dtype=torch.long, device=runner.device)
-        cache.ensure_room(len(live))
-        hidden = forward(runner, ids, rope, cache, mask, **skip_args(runner, layer_skip, rope, shared))
-        rows = torch.log_softmax(runner.logits(hidden[0]), dim=-1)
-        live = [Prefix(p.node, p.tokens, p.logprob_sum, (*p.positions, start + i), p.sentences, p.prior)
-                for i, p in enumerate(live)]
+        branches = [Branch(p.positions, p.tokens[-1:], shared + len(p.tokens) - 1) for p in live]
+        hidden, fed = decode_step(runner, cache, branches, shared, layer_skip)
+        rows = torch.log_softmax(runner.logits(hidden), dim=-1)
+        live = [Prefix(p.node, p.tokens, p.logprob_sum, (*p.positions, *new), p.sentences, p.prior)
+                for p, new in zip(live, fed, strict=True)]
     finished.sort(key=lambda p: (-rank(p, prior), p.tokens))
     return finished
 

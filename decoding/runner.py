@@ -7,15 +7,13 @@ modeling file does, and hand each attention layer a ``KVCache`` whose ``update``
 Works for the Llama family (Llama, Qwen2/3, Mistral, SmolLM) whose decoder layers take
 ``(hidden_states, attention_mask, position_embeddings, cache)`` (``past_key_values`` before transformers 5.2x).
 
-Three ways a pass can run less than every layer for every token, all visible in ``forward``:
+A pass (``forward``) is one plain loop over the layers. Three accelerations change it, each in one place:
 
-- ``outputs``: the columns whose final hidden states the caller reads. With SwiftKV (``runner.swiftkv``) the layers
-  from the SwiftKV layer ``l`` on run for those columns only; every column's K/V for those layers is computed from
-  its layer-``l`` input by ``SwiftKV.write_kv`` (SingleInputKV), so later tokens still find them in the cache.
-- ``run``: a boolean ``[layers, columns]`` matrix (SkipDecode, built by ``decoding.layerskip``): column ``c`` runs
-  layer ``j`` only where ``run[j, c]``; a skipped layer leaves the hidden state unchanged and writes zeros as that
-  column's K/V in that layer. The schedule guarantees no column that runs layer ``j`` attends to a column that
-  skipped it, so the zeros are never read (they are only there so masked-out entries are finite).
+- SwiftKV (``runner.swiftkv``): at the SwiftKV layer ``l`` every column's K/V for the layers above are computed from
+  its layer-``l`` input (``SwiftKV.write_kv``, SingleInputKV) and the pass narrows to the ``outputs`` columns the
+  caller reads, so the upper layers run for those only (``_swiftkv_boundary``).
+- a ``LayerHook`` (``decoding.layerskip``: SkipDecode layer skipping, FFN skipping) runs a layer for the pass in its
+  own way; ``PLAIN`` runs it for every column.
 - the cache layout (``KVLayout``): with AcrossKV, adjacent SwiftKV layers share one K/V buffer.
 """
 
@@ -24,7 +22,7 @@ from __future__ import annotations
 import functools
 import inspect
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -245,6 +243,13 @@ class LayerRunner:
     def position_embeddings(self, hidden: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
         return self.rotary_emb(hidden, positions)
 
+    def _attention_kwargs(self, module: nn.Module, cache: KVCache | None) -> dict[str, Any]:
+        """Keywords for a decoder layer or attention module: the cache (under its transformers name) and, on the
+        CPU GQA path, the flag that routes it to ``_cfic_sdpa``."""
+        extra: dict[str, Any] = {"cfic_gqa": True} if self._gqa else {}
+        extra[_cache_keyword(type(module))] = cache
+        return extra
+
     def run_layer(
         self,
         index: int,
@@ -254,29 +259,19 @@ class LayerRunner:
         mask: Tensor | None,
     ) -> Tensor:
         layer = self.layers[index]
-        extra = {"cfic_gqa": True} if self._gqa else {}
-        extra[_cache_keyword(type(layer))] = cache
-        out = layer(hidden, attention_mask=mask, position_embeddings=rope, use_cache=cache is not None, **extra)
+        out = layer(hidden, attention_mask=mask, position_embeddings=rope, use_cache=cache is not None,
+                    **self._attention_kwargs(layer, cache))
         return out[0] if isinstance(out, tuple) else out
 
-    def run_layer_sparse_ffn(
-        self,
-        index: int,
-        hidden: Tensor,
-        rope: tuple[Tensor, Tensor],
-        cache: KVCache | None,
-        mask: Tensor | None,
-        ffn_columns: Tensor,
-    ) -> tuple[Tensor, Tensor]:
+    def run_layer_sparse_ffn(self, index: int, state: LayerPass, ffn_columns: Tensor) -> tuple[Tensor, Tensor]:
         """The decoder layer with its FFN block run for ``ffn_columns`` only (FFN skipping): the steps of the
         Llama-family decoder layer's forward — attention for every column (so the K/V stay complete), then the FFN
         where asked. Returns the hidden states and, per column in ``ffn_columns``, cos(FFN block input, output)."""
         layer = self.layers[index]
-        extra = {"cfic_gqa": True} if self._gqa else {}
-        extra[_cache_keyword(type(layer.self_attn))] = cache
-        attended, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden), attention_mask=mask,
-                                      position_embeddings=rope, use_cache=cache is not None, **extra)
-        hidden = hidden + attended
+        attended, _ = layer.self_attn(hidden_states=layer.input_layernorm(state.hidden), attention_mask=state.mask,
+                                      position_embeddings=state.rope, use_cache=state.cache is not None,
+                                      **self._attention_kwargs(layer.self_attn, state.cache))
+        hidden = state.hidden + attended
         x = hidden[:, ffn_columns]
         y = x + layer.mlp(layer.post_attention_layernorm(x))
         cosine = F.cosine_similarity(x.float(), y.float(), dim=-1)[0]
@@ -298,6 +293,41 @@ def _cache_keyword(layer_class: type) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+@dataclass
+class LayerPass:
+    """What flows from layer to layer in one pass: the hidden states of the columns still running, their rotary
+    embeddings and mask rows, the cache, and where this pass's tokens start in it (``past``)."""
+
+    hidden: Tensor
+    rope: tuple[Tensor, Tensor]
+    mask: Tensor | None
+    cache: KVCache | None
+    past: int
+
+
+class LayerHook(Protocol):
+    """How a pass runs each layer (``decoding.layerskip`` has the accelerated ones)."""
+
+    def begin(self, runner: LayerRunner, state: LayerPass, start: int) -> None:
+        """Check the pass and prepare the cache before the first layer runs."""
+
+    def run(self, runner: LayerRunner, index: int, state: LayerPass) -> Tensor:
+        """The hidden states leaving layer ``index``."""
+
+
+class PlainLayers:
+    """Every layer for every column."""
+
+    def begin(self, runner: LayerRunner, state: LayerPass, start: int) -> None:
+        return None
+
+    def run(self, runner: LayerRunner, index: int, state: LayerPass) -> Tensor:
+        return runner.run_layer(index, state.hidden, state.rope, state.cache, state.mask)
+
+
+PLAIN = PlainLayers()
+
+
 def forward(
     runner: LayerRunner,
     input_ids: Tensor,
@@ -306,104 +336,76 @@ def forward(
     mask: Tensor | None = None,
     *,
     outputs: Tensor | None = None,
-    run: Tensor | None = None,
+    layers: LayerHook = PLAIN,
     start: int = 0,
     hidden: Tensor | None = None,
     stop: int | None = None,
-    ffn: tuple[Any, Tensor] | None = None,
 ) -> Tensor:
     """Run the layers over ``input_ids`` ([batch, n]) and return the last hidden states (before the final norm).
 
     ``mask`` is a boolean ``[batch or 1, 1, n, cache.length + n]`` (True = may attend) or None for plain causal
     attention over a cache that starts empty. New keys are written into ``cache`` and committed.
     ``outputs``: column indices whose hidden states are returned (None: all), in that order; with SwiftKV the layers
-    from the SwiftKV layer on run for these columns only. ``run``: optional boolean ``[num_layers, n]`` layer
-    schedule (SkipDecode); it must be consistent (see ``decoding.layerskip``).
+    from the SwiftKV layer on run for these columns only. ``layers``: how each layer runs (SkipDecode or FFN
+    skipping, see ``decoding.layerskip``; default every layer for every column).
     ``start``/``hidden``: resume at layer ``start`` from the hidden states entering it (distillation reuses the
     teacher's lower layers); only the cache buffers of layers ``>= start`` are written.
     ``stop``: run layers ``[start, stop)`` only and return every column's hidden states leaving them, without
     committing the cache: a second call with ``start=stop, hidden=...`` finishes the pass (the answerability probe
     reads a middle layer of the question pass this way).
-    ``ffn``: FFN skipping (``(FFNSkip, eligible)``, ``eligible`` a boolean ``[n]`` of the columns that may skip):
-    between the schedule's ``first`` and last skippable layer, a column drops out of the FFN blocks of the layers
-    after one whose FFN barely changed it (see ``decoding.layerskip.FFNSkip``).
     """
     n = input_ids.shape[1]
     sw = runner.swiftkv
-    if sw is not None and cache is None:
-        raise ValueError("SwiftKV needs a KV cache (the upper layers read K/V written from the layer-l input)")
-    if hidden is None:
-        if start:
-            raise ValueError("forward from a middle layer needs the hidden states entering it")
-        hidden = runner.embed(input_ids)
-    cos, sin = runner.position_embeddings(hidden, positions)
-    past = cache.length if cache is not None else 0
-    partial: list[Tensor | None] = [None] * runner.num_layers
-    if run is not None:
-        if run.shape != (runner.num_layers, n):
-            raise ValueError(f"run must be [{runner.num_layers}, {n}], got {tuple(run.shape)}")
-        for j in range(runner.num_layers):
-            if not bool(run[j].all()):
-                partial[j] = run[j].nonzero().squeeze(1).to(hidden.device)
-    if sw is not None and start > sw.layer:
-        raise ValueError("forward cannot resume above the SwiftKV layer (its K/V come from that layer's input)")
-    if sw is not None and any(p is not None for p in partial[sw.layer:]):
-        raise ValueError("a layer schedule may only skip layers below the SwiftKV layer")
     end = runner.num_layers if stop is None else stop
-    if not start <= end <= runner.num_layers:
-        raise ValueError(f"stop must lie in [{start}, {runner.num_layers}], got {stop}")
-    if stop is not None and (outputs is not None or (sw is not None and stop > sw.layer)):
-        raise ValueError("a pass that stops early returns every column, below the SwiftKV layer")
-    narrowing = sw is not None and outputs is not None and sw.layer < runner.num_layers
-    ffn_layers = range(0)
-    if ffn is not None:
-        if run is not None:
-            raise ValueError("FFN skipping and a layer schedule exclude each other")
-        ffn_skip, eligible = ffn
-        ffn_layers = range(ffn_skip.first, ffn_skip.last(runner))
-        ffn_columns = torch.arange(n, device=hidden.device)  # columns still running their FFN blocks
-    if mask is None and any(p is not None for p in partial):
-        mask = causal_extension_mask(past, n, hidden.device)
+    _check_pass(runner, cache, start, end, stop is not None, hidden is not None, outputs is not None)
+    if hidden is None:
+        hidden = runner.embed(input_ids)
+    state = LayerPass(hidden, runner.position_embeddings(hidden, positions), mask, cache,
+                      cache.length if cache is not None else 0)
     if cache is not None:
         cache.begin(n)
-        zeroed = set()
-        for j, rows in enumerate(partial):  # skipped columns get finite (zero) K/V: never attended, never NaN
-            s = cache.slot(j)
-            if rows is not None and j >= start and s not in zeroed:
-                cache.keys[s][:, :, past:past + n].zero_()
-                cache.values[s][:, :, past:past + n].zero_()
-                zeroed.add(s)
+    layers.begin(runner, state, start)
+    narrowed = False
     for j in range(start, end):
         if sw is not None and j == sw.layer:
-            sw.write_kv(cache, hidden, (cos, sin))
-            if outputs is not None:
-                if outputs.numel() == 0:
-                    break
-                hidden, cos, sin = hidden[:, outputs], cos[:, outputs], sin[:, outputs]
-                # below l a mask-free pass used is_causal (fast kernel); the narrowed rows need explicit rows
-                mask = (mask if mask is not None else causal_extension_mask(past, n, hidden.device))[:, :, outputs]
-        rows = partial[j]
-        if j in ffn_layers:
-            hidden, similar = runner.run_layer_sparse_ffn(j, hidden, (cos, sin), cache, mask, ffn_columns)
-            ffn_columns = ffn_columns[~((similar >= ffn_skip.threshold) & eligible[ffn_columns])]
-            continue
-        if rows is None:
-            hidden = runner.run_layer(j, hidden, (cos, sin), cache, mask)
-            continue
-        if rows.numel() == 0:
-            continue
-        if cache is not None:
-            cache.rows = rows + past
-        out = runner.run_layer(j, hidden[:, rows], (cos[:, rows], sin[:, rows]), cache,
-                               mask[:, :, rows] if mask is not None else None)
-        if cache is not None:
-            cache.rows = None
-        hidden = hidden.index_copy(1, rows, out)
+            narrowed = _swiftkv_boundary(sw, state, outputs, n)
+            if narrowed and state.hidden.shape[1] == 0:
+                break
+        state.hidden = layers.run(runner, j, state)
     if cache is not None and stop is None:
         cache.advance(n)
-    if outputs is not None and not narrowing:
-        hidden = hidden[:, outputs]
-    return hidden
+    if outputs is not None and not narrowed:
+        return state.hidden[:, outputs]
+    return state.hidden
+
+
+def _check_pass(runner: LayerRunner, cache: KVCache | None, start: int, end: int, stopped: bool, resumed: bool,
+                selected: bool) -> None:
+    sw = runner.swiftkv
+    if sw is not None and cache is None:
+        raise ValueError("SwiftKV needs a KV cache (the upper layers read K/V written from the layer-l input)")
+    if start and not resumed:
+        raise ValueError("forward from a middle layer needs the hidden states entering it")
+    if sw is not None and start > sw.layer:
+        raise ValueError("forward cannot resume above the SwiftKV layer (its K/V come from that layer's input)")
+    if not start <= end <= runner.num_layers:
+        raise ValueError(f"stop must lie in [{start}, {runner.num_layers}], got {end}")
+    if stopped and (selected or (sw is not None and end > sw.layer)):
+        raise ValueError("a pass that stops early returns every column, below the SwiftKV layer")
+
+
+def _swiftkv_boundary(sw: Any, state: LayerPass, outputs: Tensor | None, n: int) -> bool:
+    """SingleInputKV at the SwiftKV layer: write every column's upper-layer K/V from its input here, then keep
+    only the ``outputs`` columns (True when narrowed) -- the layers above run for those alone."""
+    sw.write_kv(state.cache, state.hidden, state.rope)
+    if outputs is None:
+        return False
+    cos, sin = state.rope
+    state.hidden, state.rope = state.hidden[:, outputs], (cos[:, outputs], sin[:, outputs])
+    # below l a mask-free pass used is_causal (fast kernel); the narrowed rows need explicit rows
+    mask = state.mask if state.mask is not None else causal_extension_mask(state.past, n, state.hidden.device)
+    state.mask = mask[:, :, outputs]
+    return True
 
 
 def prefill(runner: LayerRunner, input_ids: Tensor, capacity: int | None = None,

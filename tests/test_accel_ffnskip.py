@@ -8,8 +8,8 @@ from conftest import make_tiny_loaded
 from test_accel_layerskip import DOC, QUERY, question_pass, skip_pass_layout
 
 from cfic import CficError, GroundingConfig
-from cfic.decoding.layerskip import FFNSkip, skip_args
-from cfic.decoding.runner import KVCache, causal_extension_mask, forward
+from cfic.decoding.layerskip import FFNSkip, layer_hook
+from cfic.decoding.runner import KVCache, LayerPass, causal_extension_mask, forward
 from cfic.grounder import Grounder
 
 pytestmark = pytest.mark.numerics
@@ -35,7 +35,7 @@ def test_the_split_layer_with_every_ffn_column_is_the_decoder_layer(loaded):
         for c in caches:
             c.begin(n)
         whole = g.runner.run_layer(1, hidden, rope, caches[0], mask)
-        split, cosine = g.runner.run_layer_sparse_ffn(1, hidden, rope, caches[1], mask, torch.arange(n))
+        split, cosine = g.runner.run_layer_sparse_ffn(1, LayerPass(hidden, rope, mask, caches[1], 0), torch.arange(n))
     torch.testing.assert_close(split, whole)
     torch.testing.assert_close(caches[1].keys[1][:, :, :n], caches[0].keys[1][:, :, :n])
     assert cosine.shape == (n,) and bool(((cosine > -1.01) & (cosine < 1.01)).all())
@@ -56,7 +56,7 @@ def test_eligible_columns_skip_and_warmup_tokens_that_see_only_warmup_tokens_do_
             assert len(conts_ids) == n
             cache.ensure_room(n)
             outs[name] = forward(g.runner, torch.tensor([conts_ids]), rope, cache, mask,
-                                 **skip_args(g.runner, schedule, rope, shared))
+                                 layers=layer_hook(g.runner, schedule, rope, shared))
     offsets = rope[0] - shared
     warm = offsets < 3
     assert bool(warm.any()) and bool((~warm).any())
@@ -66,10 +66,10 @@ def test_eligible_columns_skip_and_warmup_tokens_that_see_only_warmup_tokens_do_
 
 
 def _packed_ids(enc, window, starts, budget):
-    from cfic.decoding.skip import _continuation
+    from cfic.decoding.skip import SpanSearch, continuation
 
-    return [t for p, s in starts for t in _continuation(p, s, enc.answer_ids, enc.segment_ids, window.last,
-                                                        budget).tokens]
+    search = SpanSearch(enc.answer_ids, enc.segment_ids, window.last, budget, (0,), 0)
+    return [t for p, s in starts for t in continuation(p, s, search).tokens]
 
 
 def test_grounder_with_a_threshold_no_column_reaches_finds_the_full_models_spans(loaded):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,10 +13,10 @@ from hypothesis import strategies as st
 
 from cfic import CficError, GroundingConfig
 from cfic.decoding.encode import encode_question
-from cfic.decoding.layerskip import LayerSkip, check_consistent, skip_args
+from cfic.decoding.layerskip import LayerSkip, check_consistent, layer_hook
 from cfic.decoding.prefix import constrained_prefix_search
-from cfic.decoding.runner import TreeMask
-from cfic.decoding.skip import _continuation, candidates, greedy_span_end, skip_decode_span_end
+from cfic.decoding.skip import SpanSearch, candidates, continuation, greedy_span_end, skip_decode_span_end
+from cfic.decoding.step import pack
 from cfic.decoding.swiftkv import SwiftKV
 from cfic.grounder import Grounder
 
@@ -68,16 +69,11 @@ def test_schedule_must_leave_the_top_or_the_swiftkv_layers_alone():
 
 
 def skip_pass_layout(enc, window, starts, shared, base, budget):
-    """The packed skip pass's token positions and tree mask, built as skip_decode_span_end builds them."""
-    conts = [_continuation(p, s, enc.answer_ids, enc.segment_ids, window.last, budget) for p, s in starts]
-    histories, new_positions, rope, at = [], [], [], base
-    for c in conts:
-        histories.append(list(c.prefix.positions))
-        new_positions.append(list(range(at, at + len(c.tokens))))
-        first = shared + len(c.prefix.tokens) - 1
-        rope.extend(range(first, first + len(c.tokens)))
-        at += len(c.tokens)
-    return TreeMask(shared).build(histories, new_positions, at, torch.device("cpu")), torch.tensor([rope]), base
+    """The packed skip pass's tree mask and rotary positions: the decoding package's own packing of the
+    continuations ``skip_decode_span_end`` feeds (the code under test, not a copy of it)."""
+    search = SpanSearch(enc.answer_ids, enc.segment_ids, window.last, budget, (0,), shared)
+    step = pack([continuation(p, s, search).branch(shared) for p, s in starts], shared, base, torch.device("cpu"))
+    return step.mask, step.rope, base
 
 
 def question_pass(g: Grounder, layer_skip: LayerSkip | None = None):
@@ -102,7 +98,7 @@ def test_the_packed_layout_never_reads_skipped_kv(loaded):
     base = cache.length
     mask, rope, base = skip_pass_layout(enc, window, starts, shared, base, budget=12)
     skip = LayerSkip(3, 1, 12)
-    run = skip_args(g.runner, skip, rope, shared).get("run")
+    run = layer_hook(g.runner, skip, rope, shared).run_matrix
     assert run is not None and not bool(run.all())
     assert check_consistent(run, mask, base)
     wrong = run.flip(1)  # earliest tokens skip most
@@ -146,10 +142,9 @@ def test_layer_skipped_span_ends_match_the_reference(loaded, finder):
     skip = LayerSkip(max_skip, 1, budget)
     with torch.inference_mode():
         enc, window, q_ids, cache, shared, starts = question_pass(g, skip)
-        ends = finder(g.runner, cache, starts, enc.answer_ids, enc.segment_ids, window.last, budget,
-                      g.template.eos_ids, shared, skip)
-        plain = finder(g.runner, encode_question(g.runner, window, q_ids, room=4096)[0], starts, enc.answer_ids,
-                       enc.segment_ids, window.last, budget, g.template.eos_ids, shared)
+        search = SpanSearch(enc.answer_ids, enc.segment_ids, window.last, budget, g.template.eos_ids, shared)
+        ends = finder(g.runner, cache, starts, replace(search, layer_skip=skip))
+        plain = finder(g.runner, encode_question(g.runner, window, q_ids, room=4096)[0], starts, search)
     assert any(len(e.end_probabilities) > 1 for e in ends)
     changed = False
     for (_, s), end, full in zip(starts, ends, plain, strict=True):
@@ -167,10 +162,10 @@ def test_skipped_kv_are_zero_and_earlier_cache_untouched(loaded):
         enc, window, _, cache, shared, starts = question_pass(g)
         before = [k[:, :, : cache.length].clone() for k in cache.keys]
         base = cache.length
-        skip_decode_span_end(g.runner, cache, starts, enc.answer_ids, enc.segment_ids, window.last, 24,
-                             g.template.eos_ids, shared, skip)
+        skip_decode_span_end(g.runner, cache, starts, SpanSearch(enc.answer_ids, enc.segment_ids, window.last, 24,
+                                                                 g.template.eos_ids, shared, skip))
     _, rope, _ = skip_pass_layout(enc, window, starts, shared, base, budget=24)
-    run = skip_args(g.runner, skip, rope, shared).get("run")
+    run = layer_hook(g.runner, skip, rope, shared).run_matrix
     for j, (k, old) in enumerate(zip(cache.keys, before, strict=True)):
         assert torch.equal(k[:, :, :base], old)
         new = k[0, :, base: cache.length]  # [heads, n, dim]

@@ -14,7 +14,7 @@ from cfic import CficError, GroundingConfig
 from cfic.decoding.encode import encode_question
 from cfic.decoding.prefix import constrained_prefix_search
 from cfic.decoding.runner import forward
-from cfic.decoding.skip import candidates, skip_decode_span_end
+from cfic.decoding.skip import SpanSearch, candidates, skip_decode_span_end
 from cfic.decoding.swiftkv import SwiftKV
 from cfic.grounder import Grounder
 
@@ -141,8 +141,8 @@ def test_cached_packed_decoding_matches_the_reference_swiftkv_model(loaded, laye
         shared = cache.length
         prefixes = constrained_prefix_search(g.runner, cache, first, window.trie, top_k=64, max_steps=64)
         starts = candidates(prefixes)
-        ends = skip_decode_span_end(g.runner, cache, starts, enc.answer_ids, enc.segment_ids, window.last, 256,
-                                    g.template.eos_ids, shared)
+        search = SpanSearch(enc.answer_ids, enc.segment_ids, window.last, 256, g.template.eos_ids, shared)
+        ends = skip_decode_span_end(g.runner, cache, starts, search)
     for prefix in prefixes[:2]:
         ids = list(enc.answer_ids[prefix.sentences[0]])[: len(prefix.tokens)]
         lp = reference_logprobs(loaded.model, sw, prompt + ids)

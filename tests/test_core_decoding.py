@@ -9,7 +9,7 @@ import torch
 
 from cfic.decoding.encode import encode_question
 from cfic.decoding.prefix import constrained_prefix_search
-from cfic.decoding.skip import candidates, greedy_span_end, skip_decode_span_end
+from cfic.decoding.skip import SpanSearch, candidates, greedy_span_end, skip_decode_span_end
 
 pytestmark = pytest.mark.numerics  # also run under other CPU kernel sets (make test)
 
@@ -115,8 +115,8 @@ def test_span_end_matches_reference_loop(setup, finder):
         prefixes = constrained_prefix_search(g.runner, cache, first, window.trie, top_k=64, max_steps=64)
         assert any(len(p.tokens) > 2 for p in prefixes)
         starts = candidates(prefixes)
-        ends = finder(g.runner, cache, starts, enc.answer_ids, enc.segment_ids, window.last, 256,
-                      g.template.eos_ids, shared)
+        ends = finder(g.runner, cache, starts, SpanSearch(enc.answer_ids, enc.segment_ids, window.last, 256,
+                                                          g.template.eos_ids, shared))
     assert len(ends) == len(starts)
     for (_, s), end in zip(starts, ends, strict=True):
         assert end.start == s
@@ -135,8 +135,8 @@ def test_budget_limits_the_span(setup):
         prefixes = constrained_prefix_search(g.runner, cache, first, window.trie, top_k=3, max_steps=64)
         starts = candidates(prefixes)
         budget = max(len(enc.answer_ids[s]) for _, s in starts) + 3
-        ends = skip_decode_span_end(g.runner, cache, starts, enc.answer_ids, enc.segment_ids, window.last, budget,
-                                    g.template.eos_ids, shared)
+        search = SpanSearch(enc.answer_ids, enc.segment_ids, window.last, budget, g.template.eos_ids, shared)
+        ends = skip_decode_span_end(g.runner, cache, starts, search)
     for end in ends:
         used = len(enc.answer_ids[end.start]) + sum(len(enc.segment_ids[s]) for s in range(end.start + 1, end.end))
         assert used <= budget or end.end == end.start + 1

@@ -86,6 +86,7 @@ def test_ground_batch_matches_single_queries(tiny_grounder):
     batch = tiny_grounder.ground_batch(queries, DOCS)
     for q, res in zip(queries, batch, strict=True):
         single = tiny_grounder.ground(q, DOCS)
+        assert single.evidence  # an empty pair would agree vacuously
         assert [(e.document_index, e.start_char, e.end_char) for e in res.evidence] == \
                [(e.document_index, e.start_char, e.end_char) for e in single.evidence]
 

@@ -13,7 +13,7 @@ from test_core_decoding import DOC, QUERY, encoded, hf_logprobs, identifying_dep
 from cfic import GroundingConfig
 from cfic.decoding.encode import encode_question
 from cfic.decoding.prefix import SearchPrior, constrained_prefix_search, rank
-from cfic.decoding.skip import candidates, skip_decode_span_end
+from cfic.decoding.skip import SpanSearch, candidates, skip_decode_span_end
 from cfic.errors import ModelLoadError
 from cfic.fit_prior import fit_logistic, fit_signal_weights, top_hit
 from cfic.grounder import Grounder
@@ -87,8 +87,8 @@ def test_with_lm_weight_zero_the_search_feeds_nothing_and_the_spans_are_those_of
             assert (cache.length > shared) == fed  # the LM-free walk runs no forward pass
             assert all((len(p.positions) == len(p.tokens) - 1) if fed else not p.positions for p in found)
             starts = candidates(found)
-            spans = skip_decode_span_end(g.runner, cache, starts, enc.answer_ids, enc.segment_ids, window.last,
-                                         g.config.max_span_tokens, g.template.eos_ids, shared)
+            spans = skip_decode_span_end(g.runner, cache, starts, SpanSearch(
+                enc.answer_ids, enc.segment_ids, window.last, g.config.max_span_tokens, g.template.eos_ids, shared))
         ends[fed] = ([(p.tokens, p.sentences) for p in found], spans)
     assert ends[True][0] == ends[False][0]
     for a, b in zip(ends[True][1], ends[False][1], strict=True):

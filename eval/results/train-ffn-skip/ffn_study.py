@@ -21,10 +21,10 @@ from cfic.grounder import Grounder
 def counting(runner, counts: dict[str, int]):
     inner = runner.run_layer_sparse_ffn
 
-    def run(index, hidden, rope, cache, mask, ffn_columns):
+    def run(index, state, ffn_columns):
         counts["ran"] += int(ffn_columns.numel())
-        counts["possible"] += int(hidden.shape[1])
-        return inner(index, hidden, rope, cache, mask, ffn_columns)
+        counts["possible"] += int(state.hidden.shape[1])
+        return inner(index, state, ffn_columns)
 
     return run
 
