@@ -28,7 +28,7 @@ from cfic.decoding.layerskip import FFNSkip, LayerSkip
 from cfic.decoding.prefix import Prefix, SearchPrior, constrained_prefix_search, end_probability, rank
 from cfic.decoding.runner import LayerRunner
 from cfic.decoding.skip import SpanEnd, SpanSearch, candidates, greedy_span_end, skip_decode_span_end
-from cfic.decoding.swiftkv import SwiftKV
+from cfic.decoding.swiftkv import SwiftKV, configure_swiftkv, load_swiftkv
 from cfic.documents import as_document
 from cfic.errors import CficError, GroundingCancelled
 from cfic.models import LoadedModel, adapter_settings, eos_token_ids, load_model
@@ -37,39 +37,6 @@ from cfic.text import Sentence, split_sentences
 from cfic.types import Document, Evidence, GroundingResult, Usage
 
 DocumentInput = str | dict[str, Any] | Document | DocumentEncoding
-
-
-def bundled_swiftkv(model_name: str) -> str | None:
-    """The distilled SwiftKV parameters shipped for ``model_name`` (``cfic/data/swiftkv-<name>.safetensors``; a
-    model with an adapter merged has its own name, e.g. ``smollm2-135m-instruct+cfic-lora``)."""
-    from importlib import resources
-
-    path = resources.files("cfic").joinpath(f"data/swiftkv-{model_name}.safetensors")
-    return str(path) if path.is_file() else None
-
-
-def load_swiftkv(loaded: LoadedModel, swiftkv: str | os.PathLike | SwiftKV | None) -> SwiftKV | None:
-    """Distilled SwiftKV parameters for ``loaded``: ``"auto"`` (the default: the file shipped for exactly these
-    weights when there is one, else none), ``"bundled"`` (that file -- with the CFIC adapter merged, its own file --
-    else the base model's, which the weight-fingerprint check then refuses with a message saying why), a file, an
-    already loaded :class:`SwiftKV`, or ``None`` / ``"none"`` (off)."""
-    if swiftkv is None or isinstance(swiftkv, SwiftKV):
-        return swiftkv
-    path = swiftkv
-    if str(swiftkv) == "none":
-        return None
-    if str(swiftkv) == "auto":
-        path = bundled_swiftkv(loaded.name)
-        if path is None:
-            return None
-    elif str(swiftkv) == "bundled":
-        path = bundled_swiftkv(loaded.name) or bundled_swiftkv(loaded.name.split("+")[0])
-        if path is None:
-            raise CficError(f"no bundled SwiftKV parameters for {loaded.name}; pass a file from cfic distill-swiftkv")
-    try:
-        return SwiftKV.load(path, loaded.model)
-    except ValueError as exc:
-        raise CficError(str(exc)) from exc
 
 
 @dataclass(frozen=True)
@@ -135,18 +102,9 @@ class Grounder:
         self.loaded = loaded
         config = config or GroundingConfig()
         self.tokenizer = loaded.tokenizer
-        n_layers = len(loaded.model.model.layers) if hasattr(loaded.model, "model") else 0
-        if swiftkv is not None:
-            if config.swiftkv_layer not in (None, swiftkv.layer) or config.swiftkv_group not in (1, swiftkv.group):
-                raise CficError(f"the SwiftKV parameters are for layer {swiftkv.layer}, group {swiftkv.group}; "
-                                f"swiftkv_layer={config.swiftkv_layer}, swiftkv_group={config.swiftkv_group} differ")
-            config = config.with_options(swiftkv_layer=swiftkv.layer, swiftkv_group=swiftkv.group)
-        elif config.swiftkv_layer is not None:
-            if config.swiftkv_layer > n_layers:
-                raise CficError(f"swiftkv_layer {config.swiftkv_layer} exceeds the model's {n_layers} layers")
-            swiftkv = SwiftKV(loaded.model, config.swiftkv_layer, config.swiftkv_group)  # zero-training
-        elif config.swiftkv_group != 1:
-            raise CficError("swiftkv_group (AcrossKV) needs swiftkv_layer")
+        swiftkv, layer, group = configure_swiftkv(loaded.model, swiftkv, config.swiftkv_layer, config.swiftkv_group)
+        if (layer, group) != (config.swiftkv_layer, config.swiftkv_group):
+            config = config.with_options(swiftkv_layer=layer, swiftkv_group=group)
         self.config = config
         self.swiftkv = swiftkv
         # The prior's features are computed with every encoding when the configuration uses a prior.

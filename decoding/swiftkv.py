@@ -21,11 +21,18 @@ import copy
 import hashlib
 import json
 import math
+import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
+
+from cfic.errors import CficError
+
+if TYPE_CHECKING:
+    from cfic.models import LoadedModel
 
 FORMAT = "cfic-swiftkv/1"
 
@@ -291,3 +298,58 @@ class SwiftKV(nn.Module):
 
         with safe_open(str(path), framework="pt") as fh:
             return dict(fh.metadata() or {})
+
+
+# ---------------------------------------------------------------- choosing the parameters
+def bundled_swiftkv(model_name: str) -> str | None:
+    """The distilled SwiftKV parameters shipped for ``model_name`` (``cfic/data/swiftkv-<name>.safetensors``; a
+    model with an adapter merged has its own name, e.g. ``smollm2-135m-instruct+cfic-lora``)."""
+    from importlib import resources
+
+    path = resources.files("cfic").joinpath(f"data/swiftkv-{model_name}.safetensors")
+    return str(path) if path.is_file() else None
+
+
+def load_swiftkv(loaded: LoadedModel, swiftkv: str | os.PathLike | SwiftKV | None) -> SwiftKV | None:
+    """Distilled SwiftKV parameters for ``loaded``: ``"auto"`` (the default: the file shipped for exactly these
+    weights when there is one, else none), ``"bundled"`` (that file -- with the CFIC adapter merged, its own file --
+    else the base model's, which the weight-fingerprint check then refuses with a message saying why), a file, an
+    already loaded :class:`SwiftKV`, or ``None`` / ``"none"`` (off)."""
+    if swiftkv is None or isinstance(swiftkv, SwiftKV):
+        return swiftkv
+    path = swiftkv
+    if str(swiftkv) == "none":
+        return None
+    if str(swiftkv) == "auto":
+        path = bundled_swiftkv(loaded.name)
+        if path is None:
+            return None
+    elif str(swiftkv) == "bundled":
+        path = bundled_swiftkv(loaded.name) or bundled_swiftkv(loaded.name.split("+")[0])
+        if path is None:
+            raise CficError(f"no bundled SwiftKV parameters for {loaded.name}; pass a file from cfic distill-swiftkv")
+    try:
+        return SwiftKV.load(path, loaded.model)
+    except ValueError as exc:
+        raise CficError(str(exc)) from exc
+
+
+def configure_swiftkv(model: nn.Module, params: SwiftKV | None, layer: int | None, group: int
+                      ) -> tuple[SwiftKV | None, int | None, int]:
+    """The SwiftKV a grounder runs with, and the ``(swiftkv_layer, swiftkv_group)`` its configuration then says.
+
+    Distilled ``params`` set the layout (a configuration that names another is refused); a layer alone runs
+    zero-training SwiftKV (the model's own projections) there; AcrossKV needs a layer."""
+    n_layers = len(model.model.layers) if hasattr(model, "model") else 0
+    if params is not None:
+        if layer not in (None, params.layer) or group not in (1, params.group):
+            raise CficError(f"the SwiftKV parameters are for layer {params.layer}, group {params.group}; "
+                            f"swiftkv_layer={layer}, swiftkv_group={group} differ")
+        return params, params.layer, params.group
+    if layer is not None:
+        if layer > n_layers:
+            raise CficError(f"swiftkv_layer {layer} exceeds the model's {n_layers} layers")
+        return SwiftKV(model, layer, group), layer, group
+    if group != 1:
+        raise CficError("swiftkv_group (AcrossKV) needs swiftkv_layer")
+    return None, layer, group
