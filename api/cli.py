@@ -114,7 +114,7 @@ def serve_command(
 ) -> None:
     """Serve POST /ground (verbatim evidence), GET /healthz, /readyz, /docs. The server listens at once and loads
     the model in the background (/readyz: 503 "loading" until it is ready); a failed load stops it (exit 2)."""
-    from cfic.api.settings import ServiceSettings, parse_size
+    from cfic.api.settings import ServiceSettings
     from cfic.config import acceleration_options, adapter_choice, bound_kernel_caches
     from cfic.errors import CficError
 
@@ -127,11 +127,11 @@ def serve_command(
         raise CficError(f"unknown log level {log_level!r}; use debug, info, warning or error")
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("cfic").setLevel(level.upper())  # also when the cfic CLI configured logging first
-    settings = ServiceSettings(
-        max_request_bytes=parse_size(max_request_bytes), max_documents=max_documents,
+    settings = ServiceSettings(  # sizes are parsed by the settings ("512MiB"); a bad value is a CficError
+        max_request_bytes=max_request_bytes, max_documents=max_documents,
         max_document_chars=max_document_chars, max_total_chars=max_total_chars, max_queue=max_queue,
         max_batch=max_batch, timeout_s=timeout,
-        cache_bytes=parse_size(cache_bytes), api_key=api_key or None,
+        cache_bytes=cache_bytes, api_key=api_key or None,
     )
     if not _is_loopback(host) and settings.api_key is None:
         log.warning("listening on %s without an API key: anyone who can reach this address can use the model",

@@ -1,35 +1,60 @@
 """Service settings: one typed object handed to ``create_app``, so limits and queue sizes are never module
 globals.
 
-Kept free of heavy imports (no torch, no FastAPI) so the CLI can parse its options before loading anything."""
+pydantic-settings, so every limit is declared once with its type and bounds and can also come from the
+environment (``CFIC_SERVE_MAX_DOCUMENTS=8``, ``CFIC_SERVE_TIMEOUT_S=120``, ...; arguments win); sizes are parsed
+by pydantic's ``ByteSize`` ("512MiB", "2GB") rather than by hand; a bad value comes back as one ``CficError``
+naming the setting (the CLI prints it as ``error: ...`` and exits 2; never a traceback). Kept free of heavy
+imports (no torch, no FastAPI) so the CLI can parse its options before loading anything."""
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from typing import Annotated, Any
 
-from cfic.errors import CficError, require_positive_int
+from pydantic import (
+    BeforeValidator,
+    ByteSize,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
-_UNITS = {
-    "": 1, "b": 1,
-    "k": 1000, "kb": 1000, "kib": 1024, "ki": 1024,
-    "m": 1000**2, "mb": 1000**2, "mib": 1024**2, "mi": 1024**2,
-    "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "gi": 1024**3,
-    "t": 1000**4, "tb": 1000**4, "tib": 1024**4, "ti": 1024**4,
-}
+from cfic.errors import CficError
+
+_SIZE_HELP = "use e.g. 1048576, 512MiB, 2GB"
+_BARE_UNIT = re.compile(r"(?i)(?<=[\d\s.])([kmgt]i?)\s*$")  # "10k", "512Mi": ByteSize wants "10kb", "512MiB"
+
+
+def _size_input(value: Any) -> Any:
+    """Operators type "10k" or "2Gi"; ``ByteSize`` only knows units that end in "b" (and takes True for 1)."""
+    if isinstance(value, bool):
+        raise ValueError("a flag is not a size")
+    return _BARE_UNIT.sub(r"\1b", value) if isinstance(value, str) else value
+
+
+# A byte count: an int, or a number with a decimal (kB, MB, ...) or binary (KiB, MiB, ...) unit.
+Size = Annotated[ByteSize, BeforeValidator(_size_input), Field(ge=0)]
+def _count_input(value: Any) -> Any:
+    """A whole number (from the environment, its digits); True where a count belongs is a mistake."""
+    if isinstance(value, bool):
+        raise ValueError("a flag is not a count")
+    return value
+
+
+Count = Annotated[int, BeforeValidator(_count_input), Field(ge=1)]
+_SIZE = TypeAdapter(Size)
 
 
 def parse_size(value: str | int) -> int:
     """``"512MiB"``, ``"2GB"``, ``"1000000"`` -> bytes. Operators think in MiB/GiB, not in raw byte counts."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        if value < 0:
-            raise CficError(f"a size must be >= 0, got {value}")
-        return value
-    match = _SIZE.match(str(value))
-    if not match or (match.group(2) or "").lower() not in _UNITS:
-        raise CficError(f"not a size: {value!r} (use e.g. 1048576, 512MiB, 2GB)")
-    return int(float(match.group(1)) * _UNITS[(match.group(2) or "").lower()])
+    try:
+        return int(_SIZE.validate_python(value))
+    except ValidationError:
+        raise CficError(f"not a size: {value!r} ({_SIZE_HELP})") from None
 
 
 # ------------------------------------------------------------------------------------------ default limits
@@ -65,8 +90,7 @@ DEFAULT_MAX_TOTAL_CHARS = 12_000
 DEFAULT_TIMEOUT_S = 60.0
 
 
-@dataclass(frozen=True)
-class ServiceSettings:
+class ServiceSettings(BaseSettings):
     """Limits and capacities of one server instance.
 
     ``max_request_bytes``, ``max_documents``, ``max_document_chars`` and ``max_total_chars`` (characters of all
@@ -74,33 +98,63 @@ class ServiceSettings:
     the defaults follow from the model's measured speed. ``max_queue`` bounds the requests waiting for the model
     worker (503 + Retry-After beyond it), ``max_batch`` how many waiting requests one worker turn takes together.
     ``timeout_s`` is measured from arrival, queue wait included (504 beyond it; the request's model work is
-    stopped too). ``cache_bytes`` bounds the document-encoding cache by KV memory. ``api_key``: when set,
-    ``Authorization: Bearer <key>`` is required on the data endpoints; never printed (``repr=False``) so a logged
-    settings object cannot leak it."""
+    stopped too). ``cache_bytes`` bounds the document-encoding cache by KV memory (0 disables it). ``api_key``:
+    when set, ``Authorization: Bearer <key>`` is required on the data endpoints; never printed (``repr=False``,
+    and left out of error messages) so a logged settings object cannot leak it."""
 
-    max_request_bytes: int = 2 * 1024 * 1024
-    max_documents: int = DEFAULT_MAX_DOCUMENTS
-    max_document_chars: int = DEFAULT_MAX_TOTAL_CHARS
-    max_total_chars: int = DEFAULT_MAX_TOTAL_CHARS
-    max_query_chars: int = 4_000
-    max_queue: int = 32
-    max_batch: int = 8
-    timeout_s: float = DEFAULT_TIMEOUT_S
-    cache_bytes: int = 1024**3
-    index_top_documents: int = 3
-    api_key: str | None = field(default=None, repr=False)
+    model_config = SettingsConfigDict(frozen=True, extra="forbid", env_prefix="CFIC_SERVE_")
 
-    def __post_init__(self) -> None:
-        for name in ("max_request_bytes", "max_documents", "max_document_chars", "max_total_chars",
-                     "max_query_chars", "max_queue", "max_batch", "index_top_documents"):
-            require_positive_int(name, getattr(self, name))
+    max_request_bytes: Annotated[Size, Field(gt=0)] = ByteSize(2 * 1024**2)
+    max_documents: Count = DEFAULT_MAX_DOCUMENTS
+    max_document_chars: Count = DEFAULT_MAX_TOTAL_CHARS
+    max_total_chars: Count = DEFAULT_MAX_TOTAL_CHARS
+    max_query_chars: Count = 4_000
+    max_queue: Count = 32
+    max_batch: Count = 8
+    timeout_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] = DEFAULT_TIMEOUT_S
+    cache_bytes: Size = ByteSize(1024**3)
+    index_top_documents: Count = 3
+    api_key: str | None = Field(default=None, repr=False)
+
+    def __init__(self, **values: Any) -> None:
+        # pydantic's ValidationError lists every problem with a traceback-like layout; callers (the CLI, tests)
+        # expect cfic's one-line CficError for bad configuration.
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise CficError(_explain(exc)) from None
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("the API key is empty")
+        return value
+
+    @model_validator(mode="after")
+    def _document_fits_total(self) -> ServiceSettings:
         if self.max_document_chars > self.max_total_chars:
-            raise CficError(f"max_document_chars ({self.max_document_chars}) exceeds max_total_chars "
-                            f"({self.max_total_chars}), the characters all documents of a request may have together: "
-                            "raise both (the timeout too: see cfic.api.settings)")
-        if not isinstance(self.cache_bytes, int) or self.cache_bytes < 0:
-            raise CficError(f"cache_bytes must be >= 0, got {self.cache_bytes!r}")
-        if not self.timeout_s > 0:
-            raise CficError(f"timeout_s must be > 0, got {self.timeout_s!r}")
-        if self.api_key is not None and not self.api_key.strip():
-            raise CficError("the API key is empty")
+            raise ValueError(f"max_document_chars ({self.max_document_chars}) exceeds max_total_chars "
+                             f"({self.max_total_chars}), the characters all documents of a request may have "
+                             "together: raise both (the timeout too: see cfic.api.settings)")
+        return self
+
+
+_SIZE_FIELDS = frozenset({"max_request_bytes", "cache_bytes"})
+
+
+def _explain(exc: ValidationError) -> str:
+    """One line per problem, naming the setting and the value (never the API key's)."""
+    problems = []
+    for error in exc.errors(include_url=False):
+        name = ".".join(str(p) for p in error["loc"])
+        if error["type"] == "value_error" and name not in _SIZE_FIELDS:  # our own validators' messages say it all
+            message = str(error["ctx"]["error"])
+            problems.append(message if not name or name in message else f"{name}: {message}")
+        elif name == "api_key":  # never echoed
+            problems.append(f"api_key: {error['msg']}")
+        elif name in _SIZE_FIELDS and error["type"] != "greater_than":  # "greater_than": max_request_bytes=0
+            problems.append(f"{name}: not a size: {error['input']!r} ({_SIZE_HELP})")
+        else:
+            problems.append(f"{name}: {error['msg']}, got {error['input']!r}")
+    return "invalid server settings: " + "; ".join(problems)

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from cfic.api.cache import EncodingCache, encoding_cache_key
+from cfic.documents import as_document
 from cfic.errors import CficError, GroundingCancelled
 from cfic.types import Document, GroundingResult
 
@@ -391,22 +392,22 @@ class ModelWorker:
         hits = self.index.search(job.query, k)
         docs: list[Document] = []
         retrieved: list[Retrieved] = []
-        for hit in list(hits)[:k]:
-            doc_id, text, metadata, score = _hit_fields(hit)
-            docs.append(Document(text, doc_id, metadata))
-            retrieved.append(Retrieved(doc_id, text, metadata, score))
+        for position, hit in enumerate(list(hits)[:k]):
+            doc, score = _hit_document(hit, position)
+            docs.append(doc)
+            retrieved.append(Retrieved(doc.id, doc.text, doc.metadata, score))
         if not docs:
             raise CficError("the index found no documents for this query")
         return docs, retrieved
 
 
-def _hit_fields(hit: Any) -> tuple[str, str, dict[str, Any], float | None]:
-    """(id, text, metadata, score) of one search hit (an object with attributes, or a mapping)."""
+def _hit_document(hit: Any, position: int) -> tuple[Document, float | None]:
+    """The document of one search hit (an object with attributes, or a mapping) and its score. The document
+    goes through ``as_document``, the coercion every other entry point uses (ids as strings, metadata a dict)."""
     get = hit.get if isinstance(hit, dict) else (lambda name, default=None: getattr(hit, name, default))
-    text = get("text")
-    if text is None:
+    if get("text") is None:
         raise CficError("the index returned a hit without document text")
-    doc_id = get("document_id") or get("id") or get("doc_id")
-    metadata = get("metadata") or {}
+    fields = {"id": get("document_id") or get("id") or get("doc_id"), "text": get("text"),
+              "metadata": get("metadata")}
     score = get("score")
-    return str(doc_id), text, dict(metadata), None if score is None else float(score)
+    return as_document(fields, position), None if score is None else float(score)
