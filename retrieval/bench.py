@@ -144,7 +144,7 @@ def bench_real(corpus: Path, limit: int | None, n_queries: int, k: int, ef_value
                root: Path) -> dict[str, Any]:
     """Embed real text through ``CorpusIndex.add``; then HNSW recall on those real passage vectors."""
     from cfic.retrieval.embedder import get_embedder
-    from cfic.retrieval.index import CorpusIndex, faiss_ids
+    from cfic.retrieval.index import CorpusIndex
 
     texts = read_corpus(corpus, limit)
     embedder = get_embedder()
@@ -163,8 +163,8 @@ def bench_real(corpus: Path, limit: int | None, n_queries: int, k: int, ef_value
         index.search(q, k=k)
         latencies.append((time.perf_counter() - t) * 1000)
     # Recall of HNSW against exact search on these real passage vectors (one vector per entry).
-    ids = faiss_ids(index._faiss)
-    vectors = index._faiss.reconstruct_batch(ids)
+    ids = index._opened().vectors.ids()
+    vectors = index._opened().vectors.reconstruct(ids)
     index.close()
     query_vectors = embedder.embed(questions)
     entries = [{"id": str(int(i)), "text": "passage"} for i in ids]
@@ -240,7 +240,7 @@ class _Cutter:
         self._where: dict[str, int] = {}
 
     def pieces(self, text: str) -> list[str]:
-        from cfic.retrieval.index import split_passages
+        from cfic.retrieval.passages import split_passages
 
         out: list[str] = []
         todo = [" ".join(text.split())]
@@ -571,7 +571,7 @@ def bench_real_scale(sizes: list[int], raw: Path, n_latency: int, n_recall: int,
         peak = _rss_mb("VmHWM")
         if report.passages != size:
             raise SystemExit(f"{report.passages} passages for {size} documents: the corpus is not one passage each")
-        vectors = flat._faiss.reconstruct_batch(np.arange(size, dtype=np.int64))  # vid i is document i
+        vectors = flat._opened().vectors.reconstruct(np.arange(size, dtype=np.int64))  # vid i is document i
         if cached is None:
             embed_s, split_s = timed.embed_s, timed.count_s
             if cache_file is not None:

@@ -37,7 +37,10 @@ DeviceOption = Annotated[str | None, typer.Option("--device", help="cpu or cuda 
 
 
 def _read_jsonl(path: Path, source: str) -> list[dict[str, Any]]:
-    from cfic.errors import DocumentReadError
+    """One document a non-blank line; a line is checked by the rules every document follows
+    (:func:`cfic.documents.as_document`), and a line without an id is named ``<source>:<line>``."""
+    from cfic.documents import as_document
+    from cfic.errors import CficError, DocumentReadError
 
     docs = []
     for lineno, line in enumerate(read_text_file(path).splitlines(), start=1):
@@ -47,21 +50,14 @@ def _read_jsonl(path: Path, source: str) -> list[dict[str, Any]]:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DocumentReadError(f"{path}:{lineno}: not JSON ({exc.msg})") from exc
-        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+        if not isinstance(row, dict):
             raise DocumentReadError(f"{path}:{lineno}: each line must be an object with a 'text' string")
-        extra = set(row) - {"id", "text", "metadata"}
-        if extra:
-            raise DocumentReadError(f"{path}:{lineno}: unknown field(s) {', '.join(sorted(extra))}")
-        metadata = row.get("metadata") or {}
-        if not isinstance(metadata, dict):
-            raise DocumentReadError(f"{path}:{lineno}: 'metadata' must be an object")
-        doc_id = row.get("id")
-        if doc_id is None:
-            doc_id = f"{source}:{lineno}"
-        elif not isinstance(doc_id, (str, int)) or isinstance(doc_id, bool) or str(doc_id) == "":
-            raise DocumentReadError(f"{path}:{lineno}: 'id' must be a non-empty string")
-        docs.append({"id": str(doc_id), "text": row["text"],
-                     "metadata": {**metadata, "source": str(path), "line": lineno}})
+        try:
+            doc = as_document(row, lineno, default_id=lambda text, line: f"{source}:{line}", allow_empty=True)
+        except CficError as exc:
+            raise DocumentReadError(f"{path}:{lineno}: {exc}") from exc
+        docs.append({"id": doc.id, "text": doc.text,
+                     "metadata": {**doc.metadata, "source": str(path), "line": lineno}})
     return docs
 
 

@@ -27,6 +27,7 @@ from langchain_core.documents import Document as LCDocument
 from langchain_core.retrievers import BaseRetriever
 from pydantic import ConfigDict, Field, PrivateAttr, model_validator
 
+from cfic.documents import as_document
 from cfic.errors import CficError, require_positive_int
 from cfic.types import Document
 
@@ -45,25 +46,6 @@ def _default_grounder() -> Any:
 
             _DEFAULT_GROUNDER = Grounder.from_pretrained()
         return _DEFAULT_GROUNDER
-
-
-def _to_source(item: Any, position: int) -> Document:
-    """A cfic Document with an id, from str / dict / cfic Document / LangChain Document."""
-    if isinstance(item, Document):
-        doc_id, text, meta = item.id, item.text, dict(item.metadata)
-    elif isinstance(item, LCDocument):
-        doc_id, text, meta = item.id, item.page_content, dict(item.metadata)
-    elif isinstance(item, str):
-        doc_id, text, meta = None, item, {}
-    elif isinstance(item, dict):
-        if not isinstance(item.get("text"), str):
-            raise CficError(f"document {position}: a dict needs a 'text' string")
-        doc_id, text, meta = item.get("id"), item["text"], dict(item.get("metadata") or {})
-    else:
-        raise CficError(f"document {position} is a {type(item).__name__}; expected str, dict or Document")
-    if not isinstance(text, str):
-        raise CficError(f"document {position}: text must be a string")
-    return Document(text=text, id=str(doc_id) if doc_id not in (None, "") else str(position), metadata=meta)
 
 
 def _evidence_documents(result: Any, sources: Sequence[Document], extra: Sequence[dict[str, Any]] | None = None
@@ -140,11 +122,9 @@ class CFICRetriever(BaseRetriever):
         if self.documents is not None:
             if not self.documents:
                 raise CficError("documents is empty")
-            sources = [_to_source(d, i) for i, d in enumerate(self.documents)]
+            sources = [as_document(d, i) for i, d in enumerate(self.documents)]
             seen: set[str] = set()
             for s in sources:
-                if not s.text.strip():
-                    raise CficError(f"document {s.id!r} is empty")
                 if s.id in seen:
                     raise CficError(f"two documents have the id {s.id!r}")
                 seen.add(s.id)
@@ -268,7 +248,7 @@ class CFICCompressor(BaseDocumentCompressor):
         query: str,
         callbacks: Callbacks | None = None,
     ) -> list[LCDocument]:
-        sources = [_to_source(d, i) for i, d in enumerate(documents)]
+        sources = [as_document(d, i, allow_empty=True) for i, d in enumerate(documents)]
         sources = [s for s in sources if s.text.strip()]
         if not sources:
             return []

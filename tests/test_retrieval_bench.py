@@ -12,7 +12,7 @@ import pytest
 
 from cfic.retrieval import bench
 from cfic.retrieval.embedder import get_embedder
-from cfic.retrieval.index import split_passages
+from cfic.retrieval.passages import split_passages
 
 TOWNS = ["Arlo", "Brenn", "Caddis", "Dunmere", "Elsby", "Fenwick", "Garrow", "Hollin", "Iverly", "Jessop"]
 

@@ -20,8 +20,8 @@ from cfic.retrieval.index import (
     CorpusIndex,
     IndexCorruptError,
     IndexNotFoundError,
-    split_passages,
 )
+from cfic.retrieval.passages import split_passages
 
 CORPUS = [
     {"id": "normans", "text": "The Normans came from Normandy in northern France. In 1066 William the Conqueror "
@@ -171,13 +171,14 @@ def test_a_crash_mid_save_leaves_the_previous_index_intact(index):
         import os
         import numpy as np
         import cfic.retrieval.index as m
+        import cfic.retrieval.vectors as v
         idx = m.CorpusIndex.open({str(path)!r})
-        real = m._write_atomic
+        real = v.write_atomic
         def dying(p, data):
             real(p, data)
             if p.name.startswith("vectors-"):
                 os._exit(17)
-        m._write_atomic = dying
+        v.write_atomic = dying
         vectors = np.ones((1, idx.dimension), dtype=np.float32)
         idx.add([{{"id": "cats", "text": "replaced"}}, ], embeddings=vectors)
     """)
@@ -321,7 +322,7 @@ def test_documents_of_every_shape(tmp_path, embedder):
 def test_every_index_file_gets_the_same_documented_mode(index):
     """One policy for every file (store, vectors, manifest, lock): 0o666 less the umask, like any file a tool
     writes; the atomic writes used to leave their files at mkstemp's 0600 while the store got 0644."""
-    from cfic.retrieval.index import FILE_MODE, _umask
+    from cfic.files import FILE_MODE, _umask
 
     index.add([{"id": "extra", "text": "One more document, saved again."}])
     modes = {p.name: p.stat().st_mode & 0o777 for p in index.path.iterdir() if p.is_file()}
