@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from cfic.errors import CficError
+from cfic.files import read_safetensors
 
 PROBE_FILE = "answerability.safetensors"
 
@@ -75,25 +76,20 @@ class AnswerabilityProbe:
     def save(self, path: str | os.PathLike) -> None:
         from safetensors.numpy import save
 
+        from cfic.files import write_atomic
+
         tensors = {name: np.ascontiguousarray(getattr(self, name), dtype=np.float32)
                    for name in ("mean", "scale", "coef")}
         meta = {"layer": str(self.layer), "intercept": repr(float(self.intercept)), "format": "cfic-answerability-1"}
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(save(tensors, metadata=meta))
-        os.replace(tmp, path)  # readers see the old probe or the new one
+        write_atomic(path, save(tensors, metadata=meta))  # readers see the old probe or the new one
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> AnswerabilityProbe:
-        from safetensors import SafetensorError, safe_open
-
         path = Path(path)
         if not path.is_file():
             raise CficError(f"answerability probe {path} not found")
         try:
-            with safe_open(str(path), framework="numpy") as f:
-                meta = f.metadata() or {}
-                arrays = {name: f.get_tensor(name) for name in ("mean", "scale", "coef")}
+            meta, arrays = read_safetensors(path, "numpy", "answerability probe")
             return cls(int(meta["layer"]), arrays["mean"], arrays["scale"], arrays["coef"], float(meta["intercept"]))
-        except (OSError, KeyError, ValueError, SafetensorError) as exc:
+        except (KeyError, ValueError) as exc:
             raise CficError(f"unreadable answerability probe {path}: {exc}") from exc

@@ -14,23 +14,7 @@ from typing import Annotated
 import click
 import typer
 
-from cfic.cli_options import (
-    AdapterOpt,
-    DeviceOpt,
-    DtypeOpt,
-    FFNSkipOpt,
-    LayerSkipOpt,
-    LayerSkipWarmupOpt,
-    MaxSpanTokensOpt,
-    ModelOpt,
-    NoAdapterOpt,
-    SwiftKVGroupOpt,
-    SwiftKVLayerOpt,
-    SwiftKVOpt,
-    ThresholdOpt,
-    TopKOpt,
-)
-from cfic.config import adapter_choice
+from cfic.cli_options import AccelerationOptions, AnswerOptions, ModelChoice, with_option_groups
 from cfic.errors import CficError, DocumentReadError
 
 app = typer.Typer(
@@ -40,12 +24,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-def span_budget_options(max_span_tokens: int | None) -> dict[str, int]:
-    """``--max-span-tokens`` as ``Grounder.from_pretrained`` keywords (a sentence may not exceed the span budget)."""
-    if max_span_tokens is None:
-        return {}
-    return {"max_span_tokens": max_span_tokens, "max_sentence_tokens": min(96, max_span_tokens)}
 
 
 def read_document(path: str) -> tuple[str, str]:
@@ -62,24 +40,15 @@ def read_document(path: str) -> tuple[str, str]:
 
 
 @app.command()
+@with_option_groups
 def ground(
     files: Annotated[list[str], typer.Argument(help="Document files (UTF-8 text); '-' reads stdin.")],
     query: Annotated[str, typer.Option("--query", "-q", help="The question.")],
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
-    top_k: TopKOpt = 3,
-    max_span_tokens: MaxSpanTokensOpt = None,
-    threshold: ThresholdOpt = None,
-    model: ModelOpt = None,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-    adapter: AdapterOpt = None,
-    no_adapter: NoAdapterOpt = False,
-    swiftkv_layer: SwiftKVLayerOpt = None,
-    swiftkv_group: SwiftKVGroupOpt = None,
-    swiftkv: SwiftKVOpt = None,
-    layer_skip: LayerSkipOpt = None,
-    layer_skip_warmup: LayerSkipWarmupOpt = None,
-    ffn_skip: FFNSkipOpt = None,
+    *,
+    answer: AnswerOptions,  # shown as its options (cfic.cli_options), as are the next two
+    weights: ModelChoice,
+    acceleration: AccelerationOptions,
     no_prior: Annotated[bool, typer.Option(
         "--no-prior", help="Pure-LM prefix search (no sentence prior, no abstention): the paper's method.")] = False,
     abstain: Annotated[bool | None, typer.Option(
@@ -87,24 +56,20 @@ def ground(
                                       "P(no evidence) is shown either way.")] = None,
 ) -> None:
     """Print verbatim evidence for QUERY from FILES."""
-    from cfic.config import acceleration_options
-
     if files.count("-") > 1:
         raise CficError("'-' (stdin) can be given only once")
-    accel, swiftkv = acceleration_options(swiftkv_layer, swiftkv_group, swiftkv, layer_skip, layer_skip_warmup,
-                                          ffn_skip)
-    adapter_arg = adapter_choice(adapter, no_adapter)
+    accel, swiftkv = acceleration.resolve()
+    load = weights.load_options()
     documents = [{"id": name, "text": text} for name, text in map(read_document, files)]
     if not query.strip():
         raise CficError("the query is empty")
     from cfic.grounder import Grounder
 
-    options: dict = dict(accel) | span_budget_options(max_span_tokens)
+    options: dict = load | dict(accel) | answer.span_budget()
     if no_prior:
         options |= {"prior": None, "abstention": None}
-    grounder = Grounder.from_pretrained(model, device=device, dtype=dtype, adapter=adapter_arg, swiftkv=swiftkv,
-                                        **options)
-    result = grounder.ground(query, documents, top_k=top_k, threshold=threshold, abstain=abstain)
+    grounder = Grounder.from_pretrained(swiftkv=swiftkv, **options)
+    result = grounder.ground(query, documents, top_k=answer.top_k, threshold=answer.threshold, abstain=abstain)
     if json_out:
         from cfic.types import ground_json
 
@@ -132,6 +97,7 @@ def ground(
 
 
 @app.command()
+@with_option_groups
 def batch(
     source: Annotated[str, typer.Argument(help="Questions: .jsonl/.json/.csv/.parquet, a save_to_disk folder, or a "
                                                "Hugging Face dataset name (needs network).")],
@@ -142,14 +108,9 @@ def batch(
         "--index", help="Corpus index folder: rows without 'documents'/'document' get its best --docs documents.")]
     = None,
     docs: Annotated[int, typer.Option("--docs", min=1, help="Documents per question from --index.")] = 5,
-    top_k: TopKOpt = 3,
-    max_span_tokens: MaxSpanTokensOpt = None,
-    threshold: ThresholdOpt = None,
-    model: ModelOpt = None,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-    adapter: AdapterOpt = None,
-    no_adapter: NoAdapterOpt = False,
+    *,
+    answer: AnswerOptions,  # shown as its options (cfic.cli_options), as is the next one
+    weights: ModelChoice,
     ray: Annotated[bool, typer.Option("--ray", help="Run on a new local Ray instance (pip install 'cfic[ray]').")]
     = False,
     ray_address: Annotated[str | None, typer.Option(
@@ -163,8 +124,7 @@ def batch(
     from cfic.batch import BatchSettings, rows_from_table, run_batch
     from cfic.eval.tables import load_table
 
-    model_options = {"model": model, "device": device, "dtype": dtype, "adapter": adapter_choice(adapter, no_adapter),
-                     **span_budget_options(max_span_tokens)}
+    model_options = weights.load_options() | answer.span_budget()
     table = load_table(source, split=split)
     search = None
     if index is not None:
@@ -176,7 +136,7 @@ def batch(
             return [{"id": hit.id, "text": hit.text} for hit in corpus.search(question, k=docs)]
 
     rows = rows_from_table(table, search)
-    settings = BatchSettings(top_k=top_k, threshold=threshold, model_options=model_options)
+    settings = BatchSettings(top_k=answer.top_k, threshold=answer.threshold, model_options=model_options)
     counts = run_batch(rows, out, settings, ray=ray, ray_address=ray_address, replicas=replicas,
                        cpus_per_replica=cpus_per_replica, progress=not quiet)
     typer.echo(f"{counts['written']} written, {counts['skipped']} already done, {counts['rows']} rows -> {out}")
@@ -185,13 +145,15 @@ def batch(
 def _register_components() -> None:
     """Commands that live with their components (their modules import without torch)."""
     from cfic.api.cli import serve_command
-    from cfic.bench import bench_command
-    from cfic.distill import distill_swiftkv_command
+    from cfic.benchmarks.command import bench_command
     from cfic.eval.cli import evaluate_command
-    from cfic.fit_abstention import fit_abstention_command
-    from cfic.fit_prior import fit_prior_command
     from cfic.retrieval.cli import index_app
-    from cfic.train import train_command
+    from cfic.training.commands import (
+        distill_swiftkv_command,
+        fit_abstention_command,
+        fit_prior_command,
+        train_command,
+    )
 
     app.add_typer(index_app, name="index", help="A faiss index of whole documents: add, search, info, remove.")
     app.command("serve")(serve_command)

@@ -76,9 +76,9 @@ class GroundingConfig:
     instruction: str = field(default=DEFAULT_INSTRUCTION)
     swiftkv_layer: int | None = None
     swiftkv_group: int = 1
+    ffn_skip: float | None = None
     layer_skip: int = 0
     layer_skip_warmup: int = 4
-    ffn_skip: float | None = None
     prior: PriorWeights | None = None
     abstention: Abstention | None = None
 

@@ -1,5 +1,6 @@
 """Writing files so that a kill or a crash never leaves half of one: the index, checkpoints of training and
-distillation, converted models, probes and journals all go through these two functions.
+distillation, converted models, probes and journals all go through these two functions. And reading the small
+safetensors files cfic ships (SwiftKV parameters, the answerability probe) with one clear error when they are not.
 
 Readers see the old file (folder) or the new one. The temp is made next to the target, so the final rename stays on
 one filesystem and is atomic.
@@ -13,6 +14,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 FILE_MODE = 0o666  # as any tool's file: read-write for the owner, readable as the umask allows
 
@@ -84,3 +86,20 @@ def write_folder_atomic(folder: str | os.PathLike, fill: Callable[[Path], None],
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def read_safetensors(path: str | os.PathLike, framework: str, what: str) -> tuple[dict[str, str], dict[str, Any]]:
+    """``(metadata, tensors)`` of a safetensors file; a ValueError naming ``what`` (e.g. "SwiftKV parameters")
+    when it is missing or unreadable -- it is the user's input, so never a library traceback."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{what} {str(path)!r}: no such file")
+    try:
+        with safe_open(str(path), framework=framework) as fh:
+            meta = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input error
+        raise ValueError(f"{what} {str(path)!r}: not a safetensors file ({exc})") from exc
+    return meta, tensors

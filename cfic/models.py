@@ -8,8 +8,6 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,24 +192,19 @@ def convert_gguf(gguf: Path, target: Path) -> None:
     """De-quantise a GGUF file into a plain HF folder (float32 safetensors), atomically."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
-    try:
+    from cfic.files import write_folder_atomic
+
+    def fill(folder: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # The weights are already de-quantised; drop the GGUF marker so the folder saves as a plain model.
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.hf_quantizer = None
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process finished first
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    write_folder_atomic(target, fill, replace=False)  # another process that finished first keeps its folder
 
 
 def resolve_model_path(name_or_path: str | os.PathLike | None) -> tuple[Path, str, bool]:

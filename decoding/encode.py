@@ -248,23 +248,6 @@ def prefill_chunked(runner: LayerRunner, input_ids: torch.Tensor, chunk_tokens: 
     return cache
 
 
-def encode_documents(
-    runner: LayerRunner,
-    tokenizer,
-    template: PromptTemplate,
-    documents: Sequence[tuple[str, str, dict[str, Any]]],
-    config: GroundingConfig,
-    max_context: int,
-    model_key: str,
-    progress: bool = False,
-    cancel: Callable[[], bool] | None = None,
-    chunk_tokens: int = PREFILL_CHUNK_TOKENS,
-) -> list[DocumentEncoding]:
-    """Plan and read ``(id, text, metadata)`` documents (:func:`plan_document`, then :func:`read_documents`)."""
-    plans = [plan_document(tokenizer, template, t, i, m, config, max_context) for i, t, m in documents]
-    return read_documents(runner, template, plans, config, model_key, progress, cancel, chunk_tokens)
-
-
 def read_documents(
     runner: LayerRunner,
     template: PromptTemplate,

@@ -11,8 +11,8 @@ Zero-training initialisation ("own norm"): the norm is a plain RMS normalisation
 input-norm weight is folded into its projections, ``k_proj_j' = k_proj_j * w_j`` — so layer ``l`` itself is exact
 and layers ``> l`` apply their own norm and projections to ``x_l`` instead of ``x_j``. With AcrossKV a group's
 projection starts as the mean of its layers' (folded) projections, as in SwiftKV. Distillation
-(``cfic.distill``) trains the norm, the K/V projections and an optional low-rank correction of the queries of layers
-``>= l``; ``save``/``load`` keep those in a small safetensors file tied to the model by a weight fingerprint.
+(``cfic.training.distill``) trains the norm, the K/V projections and an optional low-rank correction of the queries
+of layers ``>= l``; ``save``/``load`` keep those in a small safetensors file tied to the model by a weight fingerprint.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from cfic.errors import CficError
+from cfic.files import read_safetensors, write_atomic
 
 if TYPE_CHECKING:
     from cfic.models import LoadedModel
@@ -238,7 +239,7 @@ class SwiftKV(nn.Module):
     def save(self, path: str | Path, *, model_name: str = "", info: dict | None = None,
              dtype: torch.dtype = torch.bfloat16) -> Path:
         """Write the parameters (``dtype``; bfloat16 halves the file) with what ties them to the model."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -248,25 +249,13 @@ class SwiftKV(nn.Module):
                 "fingerprint": model_fingerprint(self._model), "fingerprint_version": str(FINGERPRINT_VERSION),
                 "model_name": model_name,
                 "info": json.dumps(info or {})}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        tmp.replace(path)
+        write_atomic(path, save(tensors, metadata=meta))
         return path
 
     @classmethod
     def load(cls, path: str | Path, model: nn.Module, *, check: bool = True) -> SwiftKV:
         """Distilled parameters for ``model``; raises ValueError when the file does not belong to this model."""
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"SwiftKV parameters {str(path)!r}: no such file")
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                meta = fh.metadata() or {}
-                tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 - safe_open has no __iter__
-        except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input error
-            raise ValueError(f"SwiftKV parameters {str(path)!r}: not a safetensors file ({exc})") from exc
+        meta, tensors = read_safetensors(path, "pt", "SwiftKV parameters")
         if meta.get("format") != FORMAT:
             raise ValueError(f"SwiftKV parameters {str(path)!r}: unknown format {meta.get('format')!r}")
         n = len(model.model.layers)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import shlex
+from dataclasses import asdict
 from typing import Annotated
 
 import typer
 
-from cfic.cli_options import FFNSkipOpt, LayerSkipOpt, LayerSkipWarmupOpt, SwiftKVGroupOpt, SwiftKVLayerOpt, SwiftKVOpt
+from cfic.cli_options import AccelerationOptions, with_option_groups
 
 DATASET_HELP = "nq (default), hotpotqa, squad, nq-long, or generic (your --data-file in the generic schema)."
 METHODS_HELP = ("Comma-separated: cfic, cfic-lm-only, cfic-no-skip, cfic-zero-shot, prior, embedding, bm25, generate, "
@@ -24,6 +25,7 @@ def _command_line(**options: object) -> str:
     return " ".join(parts)
 
 
+@with_option_groups
 def evaluate_command(
     dataset: Annotated[str, typer.Option("--dataset", help=DATASET_HELP)] = "nq",
     data_file: Annotated[str | None, typer.Option(
@@ -45,24 +47,18 @@ def evaluate_command(
     resume: Annotated[bool, typer.Option(
         "--resume", help="Continue an interrupted run from --out's journal (same settings) instead of "
                          "starting over.")] = False,
-    swiftkv_layer: SwiftKVLayerOpt = None,
-    swiftkv_group: SwiftKVGroupOpt = None,
-    swiftkv: SwiftKVOpt = None,
-    layer_skip: LayerSkipOpt = None,
-    layer_skip_warmup: LayerSkipWarmupOpt = None,
-    ffn_skip: FFNSkipOpt = None,
+    *,
+    accel: AccelerationOptions,  # shown as its options (cfic.cli_options)
 ) -> None:
     """Measure cfic and every baseline on the same documents; write report.json, report.md and a plot."""
     from cfic.errors import CficError
 
     if limit is not None and limit < 1:
         raise CficError(f"--limit must be at least 1, got {limit}")
-    from cfic.config import acceleration_options
     from cfic.eval.report import PLOT_NAME, markdown_table
     from cfic.eval.runner import evaluate
 
-    options, swiftkv = acceleration_options(swiftkv_layer, swiftkv_group, swiftkv, layer_skip, layer_skip_warmup,
-                                            ffn_skip)
+    options, swiftkv = accel.resolve()
     # only options that change something (--layer-skip 0 alone would add a row identical to cfic)
     changes = (swiftkv != "auto" or options.get("swiftkv_layer") or options.get("layer_skip")
                or options.get("ffn_skip") is not None)
@@ -70,9 +66,8 @@ def evaluate_command(
     out = out or f"runs/eval-{dataset}"
     command = _command_line(dataset=dataset, split=None if split == "eval" else split, data_file=data_file,
                             limit=limit, seed=seed, methods=methods,
-                            out=out, model=model, k=k, threshold=threshold, swiftkv_layer=swiftkv_layer,
-                            swiftkv_group=swiftkv_group, swiftkv=swiftkv, layer_skip=layer_skip,
-                            layer_skip_warmup=layer_skip_warmup, ffn_skip=ffn_skip)
+                            out=out, model=model, k=k, threshold=threshold,
+                            **asdict(accel) | {"swiftkv": swiftkv})
     report = evaluate(dataset, split=split, data_file=data_file, limit=limit, seed=seed, methods=methods, out=out,
                       model=model, k=k, threshold=threshold, progress=not quiet, command=command, resume=resume,
                       acceleration=acceleration)

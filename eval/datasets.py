@@ -28,10 +28,11 @@ import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from cfic.errors import CficError
-from cfic.eval.metrics import Interval, contains_answer
+from cfic.eval.generic import Example, examples_from_table
+from cfic.eval.metrics import contains_answer
 from cfic.text import split_sentences
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -43,20 +44,6 @@ PASSAGE_SEPARATOR = "\n\n"
 SQUAD_TRAIN_ARTICLES = frozenset({"Computational_complexity_theory"})
 
 
-@dataclass(frozen=True)
-class Example:
-    """One evaluation item. ``gold`` holds (document index, start, end) character spans of the gold sentences;
-    ``doc_key`` is the same for examples that share their documents (their encodings can be reused)."""
-
-    id: str
-    question: str
-    answers: tuple[str, ...]
-    documents: tuple[str, ...]
-    gold: tuple[Interval, ...]
-    answerable: bool = True
-    doc_key: str = ""
-
-
 def passage_text(title: str, text: str) -> str:
     return f"Title: {title}\n{text}"
 
@@ -66,21 +53,26 @@ def passage_text(title: str, text: str) -> str:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def read_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
-    """Yield (line number, parsed object) for each non-blank line of a .jsonl or .jsonl.gz file."""
-    path = Path(path)
-    if not path.exists():
-        raise CficError(f"data file {str(path)!r} does not exist")
-    if path.is_dir():
-        raise CficError(f"data file {str(path)!r} is a directory")
+def _open_data_file(path: Path) -> IO[str]:
+    """``path`` opened as text, gunzipped when it starts with the gzip magic; the caller closes it. Opening is the
+    check (a missing file or a folder is one clear error, with no window between a check and the open)."""
+    what = f"data file {str(path)!r}"
     try:
         with path.open("rb") as probe:
             gzipped = probe.read(2) == b"\x1f\x8b"
-        handle = (gzip.open(path, "rt", encoding="utf-8") if gzipped  # noqa: SIM115 (closed by `with` below)
-                  else path.open(encoding="utf-8"))
+        return gzip.open(path, "rt", encoding="utf-8") if gzipped else path.open(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise CficError(f"{what} does not exist") from exc
+    except IsADirectoryError as exc:
+        raise CficError(f"{what} is a directory") from exc
     except OSError as exc:
-        raise CficError(f"cannot read data file {str(path)!r}: {exc.strerror or exc}") from exc
-    with handle:
+        raise CficError(f"cannot read {what}: {exc.strerror or exc}") from exc
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """Yield (line number, parsed object) for each non-blank line of a .jsonl or .jsonl.gz file."""
+    path = Path(path)
+    with _open_data_file(path) as handle:
         lineno = 0
         try:
             for lineno, line in enumerate(handle, start=1):  # noqa: B007 (used in the except below)
@@ -358,7 +350,6 @@ def load_split(
     if dataset == "generic":
         if data_file is None:
             raise CficError("--dataset generic needs --data-file (a file in the generic schema, see README)")
-        from cfic.eval.generic import examples_from_table
         from cfic.eval.tables import load_table
 
         examples = examples_from_table(load_table(data_file))

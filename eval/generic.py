@@ -18,6 +18,9 @@ name). One row per question:
 Rows with identical documents get the same ``doc_key`` and are evaluated one after the other (in the order their
 document set first appears, rows in file order within it): the runner keeps one prepared document set per method,
 so this is what lets such rows share one encoding, and what makes the per-question share of its cost correct.
+
+:class:`Example` is defined here, as the in-memory form of this schema: every dataset becomes a list of them (the
+bundled ones in :mod:`cfic.eval.datasets`, which imports this module and never the other way round).
 """
 
 from __future__ import annotations
@@ -25,12 +28,26 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from cfic.errors import CficError
-from cfic.eval.datasets import Example
 from cfic.eval.metrics import Interval
 from cfic.eval.tables import row_id, row_question, row_texts
+
+
+@dataclass(frozen=True)
+class Example:
+    """One evaluation item. ``gold`` holds (document index, start, end) character spans of the gold sentences;
+    ``doc_key`` is the same for examples that share their documents (their encodings can be reused)."""
+
+    id: str
+    question: str
+    answers: tuple[str, ...]
+    documents: tuple[str, ...]
+    gold: tuple[Interval, ...]
+    answerable: bool = True
+    doc_key: str = ""
 
 
 def _texts(row: Mapping[str, Any], where: str) -> tuple[str, ...]:

@@ -18,6 +18,7 @@ from typing import Any
 
 from cfic.errors import CficError
 from cfic.eval.metrics import ExampleScore
+from cfic.files import write_atomic
 
 JOURNAL_NAME = "journal.jsonl"
 
@@ -75,10 +76,8 @@ class JournalWriter:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise CficError(f"cannot create {str(self.path.parent)!r}: {exc.strerror or exc}") from exc
-        tmp = self.path.with_suffix(".tmp")
         lines = [json.dumps({"settings": self.settings})] + [self._line(e) for e in kept]
-        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        os.replace(tmp, self.path)  # a kill during the rewrite leaves the old journal intact
+        write_atomic(self.path, "\n".join(lines) + "\n")  # a kill during the rewrite leaves the old journal intact
 
     def append(self, entry: JournalEntry) -> None:
         with self.path.open("a", encoding="utf-8") as f:

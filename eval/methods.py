@@ -398,16 +398,6 @@ def parse_generated(text: str, documents: Sequence[str]) -> tuple[list[Span], bo
     return spans, not spans
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
-    """The model's own end tokens (generation config and tokenizer), as plain ``generate`` would use them."""
-    from cfic.models import eos_token_ids
-
-    ids = eos_token_ids(model, tokenizer)
-    if not ids:
-        raise CficError("generate: the model has no end-of-sequence token")
-    return ids
-
-
 class GenerateMethod(Method):
     name = "generate"
     needs_lm = True
@@ -433,6 +423,8 @@ class GenerateMethod(Method):
     def run(self, ctx: EvalContext, example: Example, state: Any, budget: Budget) -> MethodOutput:
         import torch
 
+        from cfic.models import eos_token_ids
+
         g = ctx.grounder
         tok = g.tokenizer
         model = g.loaded.model
@@ -450,7 +442,9 @@ class GenerateMethod(Method):
         document, truncated = self._fit(ctx, example.documents, g.max_context - overhead - max_new)
         ids = tok(prompt_for(document), add_special_tokens=False, return_tensors="pt")
         ids = {k: v.to(model.device) for k, v in ids.items()}
-        eos = _eos_ids(model, tok)
+        eos = eos_token_ids(model, tok)  # the model's own end tokens, as plain ``generate`` would use them
+        if not eos:
+            raise CficError("generate: the model has no end-of-sequence token")
         t0 = time.perf_counter()
         with torch.inference_mode():
             out = model.generate(**ids, max_new_tokens=max_new, do_sample=False, temperature=None, top_p=None,

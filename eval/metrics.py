@@ -152,9 +152,9 @@ class ExampleScore:
     answerable: bool
     latency_ms: float
     stages: dict[str, float] = field(default_factory=dict)
+    evidence: list[str] | None = None  # the evidence texts, kept for auditing (not for whole documents)
     pieces: int = 0
     verbatim_pieces: int = 0
-    evidence: list[str] | None = None  # the evidence texts, kept for auditing (not for whole documents)
     no_evidence_probability: float | None = None  # cfic's P(no evidence), when it has an abstention model
     answered_hit: bool | None = None  # answer_hit of the evidence it would have given had it not abstained
 

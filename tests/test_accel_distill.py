@@ -13,8 +13,8 @@ from cfic import CficError, GroundingConfig
 from cfic.decoding.encode import PromptTemplate
 from cfic.decoding.runner import LayerRunner
 from cfic.decoding.swiftkv import SwiftKV
-from cfic.distill import DistillSettings, distill, distill_items, distill_loss
 from cfic.grounder import Grounder
+from cfic.training.distill import DistillSettings, distill, distill_items, distill_loss
 
 LAYERS = 4
 
@@ -80,6 +80,6 @@ def test_distill_writes_loadable_parameters_and_resumes(loaded, tmp_path):
 def test_module_imports_without_torch():
     import subprocess
 
-    code = "import sys, cfic.distill; print(any(m == 'torch' or m.startswith('torch.') for m in sys.modules))"
+    code = "import sys, cfic.training.distill; print(any(m == 'torch' or m.startswith('torch.') for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "False", out.stderr

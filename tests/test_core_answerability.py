@@ -12,7 +12,10 @@ from test_core_decoding import DOC, QUERY, encoded, window_prompt
 from cfic.answerability import PROBE_FILE, AnswerabilityProbe
 from cfic.decoding.encode import encode_question, question_pass
 from cfic.errors import CficError, ModelLoadError
-from cfic.fit_abstention import (
+from cfic.grounder import Grounder
+from cfic.models import adapter_settings
+from cfic.prior import PROBE_FEATURE, Abstention
+from cfic.training.fit_abstention import (
     auc,
     choose_threshold,
     false_abstention,
@@ -20,9 +23,6 @@ from cfic.fit_abstention import (
     out_of_fold,
     without_evidence,
 )
-from cfic.grounder import Grounder
-from cfic.models import adapter_settings
-from cfic.prior import PROBE_FEATURE, Abstention
 
 pytestmark = pytest.mark.numerics
 

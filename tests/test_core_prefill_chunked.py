@@ -1,4 +1,4 @@
-"""Chunked prefill (``prefill_chunked``, used by ``encode_documents``): a window prefilled in passes that extend one
+"""Chunked prefill (``prefill_chunked``, used by ``read_documents``): a window prefilled in passes that extend one
 cache must give the KV cache of a single pass, up to float rounding, for single prompts, right-padded batches,
 SwiftKV and whole multi-window documents; and ``cancel`` must stop it between passes."""
 
@@ -10,7 +10,7 @@ from conftest import make_tiny_loaded
 from numerics import assert_close_fp
 
 from cfic import GroundingConfig
-from cfic.decoding.encode import PREFILL_CHUNK_TOKENS, encode_documents, prefill_chunked
+from cfic.decoding.encode import PREFILL_CHUNK_TOKENS, plan_document, prefill_chunked, read_documents
 from cfic.decoding.runner import KVCache, prefill
 from cfic.errors import GroundingCancelled
 from cfic.grounder import Grounder
@@ -85,6 +85,13 @@ def test_chunked_prefill_with_swiftkv(tokenizer):
         actual = prefill_chunked(g.runner, x, 50)
     assert len(expected.keys) == 3  # two own buffers below the SwiftKV layer, one shared by layers 2 and 3
     assert_same_cache(actual, expected)
+
+
+def encode_documents(runner, tokenizer, template, documents, config, max_context, model_key, cancel=None,
+                     chunk_tokens=PREFILL_CHUNK_TOKENS):
+    """``(id, text, metadata)`` documents planned and read, as ``Grounder.encode`` does."""
+    plans = [plan_document(tokenizer, template, t, i, m, config, max_context) for i, t, m in documents]
+    return read_documents(runner, template, plans, config, model_key, cancel=cancel, chunk_tokens=chunk_tokens)
 
 
 def test_encode_documents_in_chunks_gives_the_same_windows(grounder):

@@ -15,10 +15,10 @@ from cfic.decoding.encode import encode_question
 from cfic.decoding.prefix import SearchPrior, constrained_prefix_search, rank
 from cfic.decoding.skip import SpanSearch, candidates, skip_decode_span_end
 from cfic.errors import ModelLoadError
-from cfic.fit_prior import fit_logistic, fit_signal_weights, top_hit
 from cfic.grounder import Grounder
 from cfic.models import adapter_settings
 from cfic.prior import Abstention, PriorWeights, SentencePrior, paragraph_bounds
+from cfic.training.fit_prior import fit_logistic, fit_signal_weights, top_hit
 
 pytestmark = pytest.mark.numerics
 
@@ -193,7 +193,7 @@ def test_fitting_finds_the_informative_signal_and_separates_classes():
 
 
 def test_paired_gain_of_two_fit_settings_has_an_interval_around_the_difference():
-    from cfic.fit_prior import _paired_gain
+    from cfic.training.fit_prior import _paired_gain
 
     a, b = ("s", 0.5), ("s", 0.0)
     hits = {"nq": {a: [True] * 30 + [False] * 10, b: [True] * 20 + [False] * 20},

@@ -9,16 +9,9 @@ import torch
 
 from cfic.eval.datasets import Example
 from cfic.text import Sentence
-from cfic.train import (
-    TrainSettings,
-    build_items,
-    calibration_examples,
-    choose_threshold,
-    gold_runs,
-    item_tensors,
-    squad_windows,
-    train,
-)
+from cfic.training.calibration import calibration_examples, choose_threshold
+from cfic.training.lora import TrainSettings, train
+from cfic.training.lora_items import build_items, gold_runs, item_tensors, squad_windows
 
 DOC = "Alpha is first. Beta is second. Gamma is third.\nDelta is fourth. Epsilon is fifth."
 

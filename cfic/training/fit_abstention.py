@@ -21,17 +21,18 @@ source's answerable questions (``--max-false-abstention``); the final probe is r
 
 from __future__ import annotations
 
-import json
+import io
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import numpy as np
-import typer
 
 from cfic.errors import CficError
+from cfic.files import write_atomic
+from cfic.training.adapter_files import adapter_folder, update_settings
 
 CANDIDATE_LAYERS = (6, 8, 10, 12, 14)
 SQUAD_GROUP = 20  # consecutive SQuAD questions (stored paragraph by paragraph) that share a fold
@@ -130,9 +131,9 @@ def cached_question_states(grounder: Any, items: Sequence[ProbeItem], layers: Se
     states = question_states(grounder, items, layers, progress)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(cache.name + ".tmp.npz")
-        np.savez(tmp, key=np.array(key), states=states)
-        tmp.replace(cache)
+        with io.BytesIO() as buffer:  # np.savez would add ".npz" to a temp file's name
+            np.savez(buffer, key=np.array(key), states=states)
+            write_atomic(cache, buffer.getvalue())
     return states
 
 
@@ -145,7 +146,7 @@ def fold_of(groups: Sequence[str], folds: int = FOLDS, seed: int = 0) -> np.ndar
 
 def fit_probe(x: np.ndarray, y: np.ndarray, l2: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """Balanced, L2-regularised logistic regression on standardised states -> (mean, scale, coef, intercept)."""
-    from cfic.fit_prior import fit_logistic
+    from cfic.training.fit_prior import fit_logistic
 
     coef, intercept, mu, sd = fit_logistic(x.astype(np.float64), y.astype(np.float64), l2=l2, steps=1500)
     return mu.astype(np.float32), sd.astype(np.float32), (coef * sd).astype(np.float32), intercept + float(
@@ -201,14 +202,14 @@ def fit_abstention(n_nq: int = 130, n_hotpot: int = 45, adapter: str | None = No
                    dtype: str | None = None, l2: float = 0.15, progress: bool = True,
                    cache: Path | None = None, max_false_abstention: float | None = 0.1,
                    probe_sources: Sequence[str] = ("squad",)) -> dict[str, Any]:
+    """Fit the probe and the threshold (module docstring); writes the probe and the ``abstention`` part of
+    ``cfic.json`` into ``out`` or the adapter folder and returns the report."""
     from cfic.answerability import PROBE_FILE, AnswerabilityProbe
     from cfic.grounder import Grounder
-    from cfic.models import ADAPTER_SETTINGS, bundled_adapter
+    from cfic.models import ADAPTER_SETTINGS
     from cfic.prior import PROBE_FEATURE, Abstention
 
-    adapter_path = Path(adapter) if adapter else bundled_adapter()
-    if adapter_path is None or not (adapter_path / "adapter_config.json").is_file():
-        raise CficError("no adapter to fit abstention for (pass --adapter FOLDER)")
+    adapter_path = adapter_folder(adapter, "abstention")
     t0 = time.time()
     grounder = Grounder.from_pretrained(None, dtype=dtype, adapter=adapter_path, swiftkv=None, abstention=None)
     items = training_items(n_nq, n_hotpot)
@@ -263,46 +264,11 @@ def fit_abstention(n_nq: int = 130, n_hotpot: int = 45, adapter: str | None = No
     target_dir = Path(out) if out else adapter_path
     target_dir.mkdir(parents=True, exist_ok=True)
     probe.save(target_dir / PROBE_FILE)
-    settings_path = target_dir / ADAPTER_SETTINGS
-    settings = json.loads(settings_path.read_text()) if settings_path.is_file() else {}
-    # whether the shipped model abstains by default is a decision made on its measured cost; a refit keeps it
-    enabled = bool(settings.get("abstention", {}).get("enabled", True))
-    settings["abstention"] = {**replace(abstention, enabled=enabled).to_dict(), "fit": report}
-    settings_path.write_text(json.dumps(settings, indent=2) + "\n")
+
+    def keep_enabled(settings: dict[str, Any]) -> None:
+        # whether the shipped model abstains by default is a decision made on its measured cost; a refit keeps it
+        enabled = bool(settings.get("abstention", {}).get("enabled", True))
+        settings["abstention"] = {**replace(abstention, enabled=enabled).to_dict(), "fit": report}
+
+    update_settings(target_dir / ADAPTER_SETTINGS, keep_enabled)
     return report
-
-
-def fit_abstention_command(
-    nq: Annotated[int, typer.Option("--nq", min=0, help="NQ training questions (each with and without evidence).")]
-    = 130,
-    hotpot: Annotated[int, typer.Option("--hotpot", min=0, help="HotpotQA training questions (likewise).")] = 45,
-    adapter: Annotated[str | None, typer.Option("--adapter", help="Adapter folder (default: the bundled one); its "
-                                                "cfic.json and answerability probe are written.")] = None,
-    out: Annotated[str | None, typer.Option("--out", help="Write cfic.json and the probe to this folder instead.")]
-    = None,
-    dtype: Annotated[str | None, typer.Option("--dtype", help="Model dtype (default: the machine's).")] = None,
-    l2: Annotated[float, typer.Option("--l2", min=0.0, help="L2 penalty of the probe (standardised states).")]
-    = 0.15,
-    max_false_abstention: Annotated[float, typer.Option(
-        "--max-false-abstention", min=0.0, max=1.0,
-        help="Abstain on at most this share of any source's answerable training questions (cross-validated); "
-             "1 lets accuracy alone choose.")] = 0.1,
-    probe_sources: Annotated[str, typer.Option(
-        "--probe-sources", help="Comma-separated sources the probe is fitted on (squad, nq, hotpotqa); the others "
-                                "only calibrate the threshold.")] = "squad",
-    cache: Annotated[Path | None, typer.Option("--cache", help="Keep the question passes' hidden states in this .npz "
-                                               "and reuse them when model, adapter and items are unchanged.")]
-    = None,
-) -> None:
-    """Fit the answerability probe and the no-evidence threshold on the training side; write them with the adapter."""
-    from rich.console import Console
-
-    console = Console(stderr=True)
-    try:
-        report = fit_abstention(nq, hotpot, adapter, out, dtype, l2, cache=cache,
-                                max_false_abstention=max_false_abstention,
-                                probe_sources=tuple(x.strip() for x in probe_sources.split(",") if x.strip()))
-    except CficError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
-    console.print_json(json.dumps(report))

@@ -17,16 +17,14 @@ The abstention model is not fitted here: ``cfic fit-abstention`` owns it, and it
 from __future__ import annotations
 
 import itertools
-import json
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import numpy as np
-import typer
 
-from cfic.errors import CficError
 from cfic.prior import SIGNALS, PriorWeights, SentencePrior
+from cfic.training.adapter_files import update_settings
 
 SENTENCE_GRID = (0.0, 1.0)
 PARAGRAPH_GRID = (0.0, 0.25, 0.5, 1.0, 2.0)
@@ -126,49 +124,21 @@ def question_search(grounder: Any, encodings: list[Any], question: str,
     return {"signals": signals, "p_end": p_end, "searches": searches}
 
 
-def fit_prior_command(
-    examples: Annotated[int, typer.Option("--examples", min=4, help="NQ train questions for stage 1/2.")] = 60,
-    hotpot_examples: Annotated[int, typer.Option("--hotpot-examples", min=0,
-                                                 help="HotpotQA train questions for stage 1/2.")] = 30,
-    stage1_examples: Annotated[int, typer.Option("--stage1-examples", min=4,
-                                                 help="NQ train questions for stage 1 (embeddings only).")] = 400,
-    adapter: Annotated[str | None, typer.Option("--adapter", help="Adapter folder (default: the bundled one); "
-                                                "its cfic.json gets the fitted settings.")] = None,
-    out: Annotated[str | None, typer.Option("--out", help="Write the settings here instead of the adapter.")] = None,
-    dtype: Annotated[str | None, typer.Option("--dtype", help="Model dtype (default: the machine's).")] = None,
-    squad_questions: Annotated[int, typer.Option("--squad-questions", min=4,
-                                                 help="Held-out SQuAD training questions (the stage-2 pool).")] = 200,
-    squad_stage2: Annotated[int, typer.Option("--squad-stage2", min=0,
-                                              help="Answerable ones among them that also enter stage 2.")] = 30,
-    threads: Annotated[int | None, typer.Option("--threads", min=1, help="torch threads.")] = None,
-) -> None:
-    """Fit the sentence prior and the LM weight on the training splits; write them to cfic.json (the abstention
-    model is `cfic fit-abstention`'s)."""
-    from rich.console import Console
-
-    console = Console(stderr=True)
-    try:
-        report = fit_prior(examples, hotpot_examples, stage1_examples, adapter, out, dtype, n_squad=squad_questions,
-                           threads=threads, n_squad_stage2=squad_stage2)
-    except CficError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
-    console.print_json(json.dumps(report))
-
-
 def fit_prior(n_nq: int = 60, n_hotpot: int = 30, n_stage1: int = 400, adapter: str | None = None,
               out: str | None = None, dtype: str | None = None, progress: bool = True, n_squad: int = 200,
               threads: int | None = None, n_squad_stage2: int = 30) -> dict[str, Any]:
+    """Both stages (module docstring); writes the fitted prior into ``out`` or the adapter's ``cfic.json`` and
+    returns the report."""
     from tqdm.auto import tqdm
 
     from cfic.eval import load_split
     from cfic.grounder import Grounder
-    from cfic.models import ADAPTER_SETTINGS, bundled_adapter
-    from cfic.train import TrainSettings, calibration_examples
+    from cfic.models import ADAPTER_SETTINGS
+    from cfic.training.adapter_files import adapter_folder
+    from cfic.training.calibration import calibration_examples
+    from cfic.training.lora import TrainSettings
 
-    adapter_path = Path(adapter) if adapter else bundled_adapter()
-    if adapter_path is None or not (adapter_path / "adapter_config.json").is_file():
-        raise CficError("no adapter to fit the prior for (pass --adapter FOLDER)")
+    adapter_path = adapter_folder(adapter, "the prior")
     t_start = time.time()
     grounder = Grounder.from_pretrained(None, dtype=dtype, adapter=adapter_path, threshold=None,
                                         prior=PriorWeights(), abstention=None)
@@ -255,7 +225,6 @@ def fit_prior(n_nq: int = 60, n_hotpot: int = 30, n_stage1: int = 400, adapter: 
         "seconds": round(time.time() - t_start, 1),
     }
     target = Path(out) if out else adapter_path / ADAPTER_SETTINGS
-    settings = json.loads(target.read_text()) if target.is_file() else {}
-    settings.update({"prior": report["prior"], "threshold": None, "fit_source": report["source"]})
-    target.write_text(json.dumps(settings, indent=2) + "\n")
+    update_settings(target, lambda settings: settings.update(
+        {"prior": report["prior"], "threshold": None, "fit_source": report["source"]}))
     return report

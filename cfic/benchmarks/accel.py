@@ -14,6 +14,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from cfic.benchmarks.common import (
+    QUESTIONS,
+    Evidence,
+    Timings,
+    bench_documents,
+    evidence_of,
+    matmul_gflops,
+    median,
+    prefill_flops,
+)
+
 
 @dataclass
 class AccelConfig:
@@ -24,23 +35,19 @@ class AccelConfig:
     group: int = 1
     layer_skip: int = 0
     source: str | None = None
-    encode_ms: list[float] = field(default_factory=list)
-    cold_ms: list[float] = field(default_factory=list)
-    warm_ms: list[float] = field(default_factory=list)
-    prefix_ms: list[float] = field(default_factory=list)
-    skip_ms: list[float] = field(default_factory=list)
-    evidence: list[list[tuple[int, int]]] = field(default_factory=list)
-    hits: list[bool] = field(default_factory=list)
+    timings: Timings = field(default_factory=Timings)
+    hits: list[bool] = field(default_factory=list)  # answer recall on evaluation examples
     recall_encode_ms: list[float] = field(default_factory=list)
-    recall_evidence: list[list[tuple[int, int, int]]] = field(default_factory=list)
+    recall_evidence: list[Evidence] = field(default_factory=list)
 
 
 def build_configs(base, swiftkv_files: list[str], layer_skip: int, layers: list[int]) -> tuple[list[AccelConfig],
                                                                                                  list[str]]:
     """The full model, zero-training SwiftKV at ``layers``, each distilled parameter file, and layer skipping (on
     the full model and on the first distilled file). Returns the configs and notes about what was left out."""
+    from cfic.decoding.swiftkv import bundled_swiftkv, load_swiftkv
     from cfic.errors import CficError
-    from cfic.grounder import Grounder, bundled_swiftkv, load_swiftkv
+    from cfic.grounder import Grounder
 
     loaded = base.loaded
     configs = [AccelConfig("full", base, "full")]
@@ -85,21 +92,10 @@ def time_configs(configs: list[AccelConfig], docs: list[str], questions: list[st
     """Interleaved: per round and document, every config encodes, answers one cold question, then the warm ones."""
     for _ in range(rounds):
         for d, doc in enumerate(docs):
-            encodings = {}
-            for c in configs:
-                t = time.perf_counter()
-                encodings[c.name] = c.grounder.encode([doc])
-                encode_ms = (time.perf_counter() - t) * 1000
-                res = c.grounder.ground(questions[d % len(questions)], encodings[c.name])
-                c.encode_ms.append(encode_ms)
-                c.cold_ms.append(encode_ms + res.usage.latency_ms)
+            encodings = {c.name: c.timings.cold(c.grounder, doc, questions[d % len(questions)]) for c in configs}
             for q in questions:
                 for c in configs:
-                    res = c.grounder.ground(q, encodings[c.name])
-                    c.warm_ms.append(res.usage.latency_ms)
-                    c.prefix_ms.append(res.usage.prefix_ms)
-                    c.skip_ms.append(res.usage.skip_ms)
-                    c.evidence.append([(e.start_char, e.end_char) for e in res.evidence])
+                    c.timings.warm(c.grounder, q, encodings[c.name])
 
 
 def recall_configs(configs: list[AccelConfig], examples) -> None:
@@ -117,7 +113,7 @@ def recall_configs(configs: list[AccelConfig], examples) -> None:
             res = c.grounder.ground(ex.question, encodings[key])
             text = "\n".join(e.text for e in res.evidence)
             c.hits.append(bool(ex.answers) and contains_answer(text, ex.answers))
-            c.recall_evidence.append([(e.document_index, e.start_char, e.end_char) for e in res.evidence])
+            c.recall_evidence.append(evidence_of(res))
 
 
 def kv_bytes_table(base, layers: list[int], groups=(1, 2, 4)) -> dict[str, int]:
@@ -133,16 +129,11 @@ def kv_bytes_table(base, layers: list[int], groups=(1, 2, 4)) -> dict[str, int]:
     return out
 
 
-def _median(xs: list[float]) -> float | None:
-    return statistics.median(xs) if xs else None
-
-
 def run_accel_bench(model: str | None, dtype: str | None, doc_tokens: int, n_docs: int, n_questions: int,
                     rounds: int, swiftkv_files: list[str], layer_skip: int, recall_examples: int,
                     adapter: str | None = "auto") -> dict[str, Any]:
     import torch
 
-    from cfic.bench import QUESTIONS, bench_documents, matmul_gflops, prefill_flops
     from cfic.grounder import Grounder
 
     base = Grounder.from_pretrained(model, dtype=dtype, adapter=adapter)
@@ -171,12 +162,13 @@ def run_accel_bench(model: str | None, dtype: str | None, doc_tokens: int, n_doc
     peak = matmul_gflops(base.loaded.dtype)
     report["matmul_peak_gflops"] = peak
     full = configs[0]
-    full_enc, full_warm = _median(full.encode_ms), _median(full.warm_ms)
+    full_enc, full_warm = median(full.timings.encode_ms), median(full.timings.warm_ms)
     rows: dict[str, Any] = {}
     for c in configs:
-        enc, warm, cold = _median(c.encode_ms), _median(c.warm_ms), _median(c.cold_ms)
-        paired = [a / b for a, b in zip(full.encode_ms, c.encode_ms, strict=True)]
-        same = sum(a == b for a, b in zip(full.evidence, c.evidence, strict=True)) / max(1, len(c.evidence))
+        t = c.timings
+        enc, warm, cold = median(t.encode_ms), median(t.warm_ms), median(t.cold_ms)
+        paired = [a / b for a, b in zip(full.timings.encode_ms, t.encode_ms, strict=True)]
+        same = full.timings.same_evidence_rate(t)
         kv = c.grounder.encode([docs[0][:200]])[0].windows[0].kv.bytes_per_token()
         if c.layer is not None:
             flops = prefill_flops(base.loaded.model, n_tok, layers=c.layer, kv_only_layers=n_layers - c.layer)
@@ -188,8 +180,8 @@ def run_accel_bench(model: str | None, dtype: str | None, doc_tokens: int, n_doc
             "source": c.source, "encode_ms": enc, "encode_speedup": full_enc / enc,
             "encode_speedup_paired_median": statistics.median(paired), "prefill_tokens_per_s": n_tok / (enc / 1000),
             "prefill_gflops": gflops, "share_of_matmul_peak": gflops / peak, "cold_ms": cold, "warm_ms": warm,
-            "warm_speedup": full_warm / warm, "warm_over_cold": warm / cold, "prefix_ms": _median(c.prefix_ms),
-            "skip_ms": _median(c.skip_ms), "same_evidence_as_full": same, "kv_bytes_per_token": kv,
+            "warm_speedup": full_warm / warm, "warm_over_cold": warm / cold, "prefix_ms": median(t.prefix_ms),
+            "skip_ms": median(t.skip_ms), "same_evidence_as_full": same, "kv_bytes_per_token": kv,
         }
     report["configs"] = rows
     report["kv_bytes_per_token"] = kv_bytes_table(base, layers)
@@ -214,11 +206,11 @@ def run_accel_bench(model: str | None, dtype: str | None, doc_tokens: int, n_doc
                     "answer_recall": sum(c.hits) / len(c.hits), "recall_examples": len(c.hits),
                     "recall_delta_points": 100 * (sum(c.hits) - sum(ref)) / len(ref),
                     "recall_lost": lost, "recall_gained": gained, "same_evidence_as_full_eval": same / len(ref),
-                    "eval_encode_ms": _median(c.recall_encode_ms),
+                    "eval_encode_ms": median(c.recall_encode_ms),
                 }
             for c in configs:
                 if c.recall_encode_ms and full.recall_encode_ms:
-                    rows[c.name]["eval_encode_speedup"] = _median(full.recall_encode_ms) / _median(c.recall_encode_ms)
+                    rows[c.name]["eval_encode_speedup"] = median(full.recall_encode_ms) / median(c.recall_encode_ms)
     report["targets"] = _targets(rows, n_layers // 2)
     report["load_average_end"] = os.getloadavg()
     return report

@@ -13,7 +13,11 @@ from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 from typing import Any
+
+from cfic.benchmarks.common import Evidence, evidence_of
+from cfic.files import write_atomic
 
 CONFIGURATIONS = {"read-all": {"read_all_documents": True}, "read-best": {}}
 
@@ -46,14 +50,14 @@ def run_many_documents_bench(model: str | None, counts: list[int], n_questions: 
         same = 0
         for q in range(n_questions):
             ex, docs = _inputs(examples, count, q)
-            evidence: dict[str, list[tuple[int, int, int]]] = {}
+            evidence: dict[str, Evidence] = {}
             for _ in range(rounds):
                 for name, g in grounders.items():  # interleaved: A, B, A, B
                     t = time.perf_counter()
                     result = g.ground(ex.question, docs, abstain=False)
                     ms[name].append((time.perf_counter() - t) * 1000)
                     read[name].append(result.usage.input_tokens)  # tokens the model read: documents + question
-                    evidence[name] = [(e.document_index, e.start_char, e.end_char) for e in result.evidence]
+                    evidence[name] = evidence_of(result)
             for name in grounders:
                 hits[name] += contains_answer(" ".join(docs[d][a:b] for d, a, b in evidence[name]), ex.answers)
             same += evidence["read-all"] == evidence["read-best"]
@@ -100,5 +104,6 @@ def plot_many_documents(report: dict[str, Any], path: Any) -> None:
     ax.set_title(f"{report['model']} {report['dtype']}", fontsize=9)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    # the temp file's name ends in .tmp: the format comes from the target's suffix
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png", dpi=120))
     plt.close(fig)
