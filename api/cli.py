@@ -55,6 +55,7 @@ def _is_loopback(host: str) -> bool:
 
 
 def serve_command(
+    ctx: typer.Context,
     host: Annotated[str, typer.Option("--host", help="Address to listen on. Keep the loopback default unless the "
                                                      "server sits behind something that needs it elsewhere.")]
     = "127.0.0.1",
@@ -127,12 +128,13 @@ def serve_command(
         raise CficError(f"unknown log level {log_level!r}; use debug, info, warning or error")
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("cfic").setLevel(level.upper())  # also when the cfic CLI configured logging first
-    settings = ServiceSettings(  # sizes are parsed by the settings ("512MiB"); a bad value is a CficError
-        max_request_bytes=max_request_bytes, max_documents=max_documents,
-        max_document_chars=max_document_chars, max_total_chars=max_total_chars, max_queue=max_queue,
-        max_batch=max_batch, timeout_s=timeout,
-        cache_bytes=cache_bytes, api_key=api_key or None,
-    )
+    limits = {"max_request_bytes": max_request_bytes, "max_documents": max_documents,
+              "max_document_chars": max_document_chars, "max_total_chars": max_total_chars, "max_queue": max_queue,
+              "max_batch": max_batch, "timeout_s": timeout, "cache_bytes": cache_bytes}
+    # Options left at their defaults give way to CFIC_SERVE_* environment variables (ServiceSettings reads them);
+    # sizes are parsed by the settings ("512MiB"); a bad value is a CficError.
+    given = {name: value for name, value in limits.items() if _given_on_command_line(ctx, name.removesuffix("_s"))}
+    settings = ServiceSettings(**given, api_key=api_key or None)
     if not _is_loopback(host) and settings.api_key is None:
         log.warning("listening on %s without an API key: anyone who can reach this address can use the model",
                     host)
@@ -199,6 +201,12 @@ def serve_command(
     server.run()
     if failure:
         raise CficError(f"the server stopped: loading failed: {failure[0]}")
+
+
+def _given_on_command_line(ctx: typer.Context, parameter: str) -> bool:
+    """True unless the command line left ``parameter`` at its default."""
+    source = ctx.get_parameter_source(parameter)
+    return source is None or source.name != "DEFAULT"
 
 
 def main() -> None:

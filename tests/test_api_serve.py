@@ -107,6 +107,15 @@ def test_serve_reports_a_bad_model_as_an_error_without_starting(tmp_path):
     assert bad_size.returncode == 2 and "not a size" in bad_size.stderr
 
 
+def test_serve_limits_come_from_the_environment_unless_given(tmp_path):
+    """CFIC_SERVE_* fills the limits left at their defaults; an option given on the command line wins."""
+    missing = str(tmp_path / "missing-model")
+    from_env = _cli("--model", missing, "--port", "0", env={"CFIC_SERVE_MAX_QUEUE": "0"})
+    assert from_env.returncode == 2 and "max_queue" in from_env.stderr
+    given = _cli("--model", missing, "--port", "0", "--max-queue", "5", env={"CFIC_SERVE_MAX_QUEUE": "0"})
+    assert given.returncode == 2 and "max_queue" not in given.stderr and "missing-model" in given.stderr
+
+
 def _raw_post(base_url: str, headers: bytes, body: bytes = b"{}") -> tuple[int, bytes, bytes]:
     """One HTTP/1.1 request written byte for byte (clients normalise headers; a server must cope with any)."""
     host, port = base_url.removeprefix("http://").split(":")
