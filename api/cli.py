@@ -21,7 +21,19 @@ from typing import Annotated
 
 import typer
 
-from cfic.cli_options import FFNSkipOpt
+from cfic.cli_options import (
+    AdapterOpt,
+    DeviceOpt,
+    DtypeOpt,
+    FFNSkipOpt,
+    LayerSkipOpt,
+    LayerSkipWarmupOpt,
+    ModelOpt,
+    NoAdapterOpt,
+    SwiftKVGroupOpt,
+    SwiftKVLayerOpt,
+    SwiftKVOpt,
+)
 
 log = logging.getLogger("cfic.api")
 
@@ -62,16 +74,11 @@ def serve_command(
     port: Annotated[int, typer.Option("--port", min=0, max=65535, help="TCP port.")] = 8000,
     index: Annotated[Path | None, typer.Option(
         "--index", help="A corpus index folder (`cfic index add`): requests may then omit `documents`.")] = None,
-    model: Annotated[str | None, typer.Option(
-        "--model", help="Local HF model folder or .gguf file (default: the packaged SmolLM2-135M-Instruct).")]
-    = None,
-    device: Annotated[str | None, typer.Option("--device", help="cpu or cuda (default: cuda when available).")]
-    = None,
-    dtype: Annotated[str | None, typer.Option("--dtype", help="float32, bfloat16 or float16 (default: by "
-                                                              "device).")] = None,
-    adapter: Annotated[str | None, typer.Option("--adapter", help="A PEFT LoRA adapter folder to apply.")] = None,
-    no_adapter: Annotated[bool, typer.Option("--no-adapter", help="Do not apply the bundled CFIC adapter.")]
-    = False,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    adapter: AdapterOpt = None,
+    no_adapter: NoAdapterOpt = False,
     api_key: Annotated[str | None, typer.Option(
         "--api-key", envvar="CFIC_API_KEY", show_default=False,
         help="Require 'Authorization: Bearer <key>' on /ground and /stats. Prefer the CFIC_API_KEY environment "
@@ -96,25 +103,16 @@ def serve_command(
                                          "defaults fit the default model's prefill speed on a 2-core CPU within the "
                                          "default timeout; raise them with --timeout.")] = 12_000,
     log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "info",
-    swiftkv_layer: Annotated[int | None, typer.Option(
-        "--swiftkv-layer", help="SwiftKV SingleInputKV from layer l on (zero-training unless --swiftkv gives "
-                                "distilled parameters). Server-wide: requests cannot change it.")]
-    = None,
-    swiftkv_group: Annotated[int | None, typer.Option(
-        "--swiftkv-group", help="AcrossKV: one K/V per group of this many SwiftKV layers.")] = None,
-    swiftkv: Annotated[str | None, typer.Option(
-        "--swiftkv", help="SwiftKV parameters: 'auto' (default: the ones shipped for the loaded weights, i.e. on "
-                          "for the default model), 'none' (off), 'bundled', or a file from `cfic distill-swiftkv`.")]
-    = None,
-    layer_skip: Annotated[int | None, typer.Option(
-        "--layer-skip", help="SkipDecode: answer tokens skip up to this many lower layers (off by default).")]
-    = None,
-    layer_skip_warmup: Annotated[int | None, typer.Option(
-        "--layer-skip-warmup", help="Layers that always run below the skipped band (default 4).")] = None,
+    swiftkv_layer: SwiftKVLayerOpt = None,
+    swiftkv_group: SwiftKVGroupOpt = None,
+    swiftkv: SwiftKVOpt = None,
+    layer_skip: LayerSkipOpt = None,
+    layer_skip_warmup: LayerSkipWarmupOpt = None,
     ffn_skip: FFNSkipOpt = None,
 ) -> None:
     """Serve POST /ground (verbatim evidence), GET /healthz, /readyz, /docs. The server listens at once and loads
-    the model in the background (/readyz: 503 "loading" until it is ready); a failed load stops it (exit 2)."""
+    the model in the background (/readyz: 503 "loading" until it is ready); a failed load stops it (exit 2). The
+    model and acceleration options are server-wide: requests cannot change them."""
     from cfic.api.settings import ServiceSettings
     from cfic.config import acceleration_options, adapter_choice, bound_kernel_caches
     from cfic.errors import CficError
@@ -134,7 +132,9 @@ def serve_command(
     # Options left at their defaults give way to CFIC_SERVE_* environment variables (ServiceSettings reads them);
     # sizes are parsed by the settings ("512MiB"); a bad value is a CficError.
     given = {name: value for name, value in limits.items() if _given_on_command_line(ctx, name.removesuffix("_s"))}
-    settings = ServiceSettings(**given, api_key=api_key or None)
+    if api_key:  # else CFIC_SERVE_API_KEY, if set, still applies
+        given["api_key"] = api_key
+    settings = ServiceSettings(**given)
     if not _is_loopback(host) and settings.api_key is None:
         log.warning("listening on %s without an API key: anyone who can reach this address can use the model",
                     host)

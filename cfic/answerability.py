@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cfic.errors import CficError
+from cfic.errors import CficError, require_positive_int
 from cfic.files import read_safetensors
 
 PROBE_FILE = "answerability.safetensors"
@@ -41,8 +41,7 @@ class AnswerabilityProbe:
     intercept: float
 
     def __post_init__(self) -> None:
-        if self.layer < 1:
-            raise CficError(f"the answerability probe's layer must be >= 1, got {self.layer}")
+        require_positive_int("the answerability probe's layer", self.layer)
         shapes = {self.mean.shape, self.scale.shape, self.coef.shape}
         if len(shapes) != 1 or self.mean.ndim != 1:
             raise CficError(f"answerability probe vectors disagree in shape: {sorted(shapes)}")

@@ -27,8 +27,6 @@ from typing import Any
 
 from cfic.errors import CficError
 
-DEFAULT_INDEX_DOCS = 5
-
 
 @dataclass(frozen=True)
 class BatchRow:

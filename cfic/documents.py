@@ -10,7 +10,7 @@ list the caller sent), the index a hash of its content (adding the same text twi
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 from cfic.errors import CficError, EmptyDocumentError
@@ -68,14 +68,3 @@ def as_document(item: Any, position: int = 0, *, default_id: DefaultId = positio
     if not allow_empty and not text.strip():
         raise EmptyDocumentError(f"document {str(doc_id)!r} is empty or whitespace only")
     return Document(text=text, id=str(doc_id), metadata=dict(metadata))
-
-
-def as_documents(items: Iterable[Any], *, default_id: DefaultId = position_id,
-                 allow_empty: bool = False) -> list[Document]:
-    """Every item through :func:`as_document`; a bare string or dict (a list was meant) and an empty list are errors."""
-    if isinstance(items, (str, bytes, dict, Document)) or hasattr(items, "page_content"):
-        raise CficError("documents must be a list (of strings, dicts or Documents)")
-    docs = [as_document(item, i, default_id=default_id, allow_empty=allow_empty) for i, item in enumerate(items)]
-    if not docs:
-        raise CficError("no documents given")
-    return docs

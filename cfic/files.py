@@ -2,8 +2,8 @@
 distillation, converted models, probes and journals all go through these two functions. And reading the small
 safetensors files cfic ships (SwiftKV parameters, the answerability probe) with one clear error when they are not.
 
-Readers see the old file (folder) or the new one. The temp is made next to the target, so the final rename stays on
-one filesystem and is atomic.
+Readers see the old file or the new one (a folder: see :func:`write_folder_atomic`). The temp is made next to the
+target, so the final rename stays on one filesystem and is atomic.
 """
 
 from __future__ import annotations
@@ -60,11 +60,15 @@ def write_atomic(path: str | os.PathLike, data: bytes | str | Callable[[str], No
     fsync_dir(path.parent)
 
 
-def write_folder_atomic(folder: str | os.PathLike, fill: Callable[[Path], None], *, replace: bool = True) -> None:
+def write_folder_atomic(folder: str | os.PathLike, fill: Callable[[Path], None], *, replace: bool = True,
+                        complete: Callable[[Path], bool] | None = None) -> None:
     """``fill(temp_folder)`` writes the folder's content; then it takes ``folder``'s place.
 
-    ``replace=False``: when another process has already put a complete folder there (it holds ``config.json`` or
-    any file), keep theirs and drop ours -- two processes converting the same model both succeed."""
+    A folder cannot be swapped in one rename: the old one is moved aside first and put back if the new one cannot
+    be moved in, so a failure never loses it; a kill between the two renames leaves it in ``.<name>.old.*`` next
+    to the target (:func:`previous_folder` finds it). ``replace=False``: when ``complete(folder)`` says another
+    process already put a finished folder there, keep theirs and drop ours (two processes converting the same
+    model both succeed); an unfinished one is replaced."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
@@ -72,13 +76,16 @@ def write_folder_atomic(folder: str | os.PathLike, fill: Callable[[Path], None],
     try:
         fill(tmp)
         if folder.exists():
-            if not replace:
+            if not replace and (complete or _non_empty)(folder):
                 return
             old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.old."))
             folder.rename(old / folder.name)
         try:
             tmp.rename(folder)
         except OSError:
+            if old is not None and not folder.exists():
+                (old / folder.name).rename(folder)  # put the previous folder back
+                old = None
             if replace or not folder.exists():
                 raise
         fsync_dir(folder.parent)
@@ -86,6 +93,19 @@ def write_folder_atomic(folder: str | os.PathLike, fill: Callable[[Path], None],
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def previous_folder(folder: str | os.PathLike) -> Path | None:
+    """The copy :func:`write_folder_atomic` moved aside when a kill stopped it between its two renames."""
+    folder = Path(folder)
+    for aside in sorted(folder.parent.glob(f".{folder.name}.old.*")):
+        if (aside / folder.name).is_dir():
+            return aside / folder.name
+    return None
+
+
+def _non_empty(folder: Path) -> bool:
+    return any(folder.iterdir())
 
 
 def read_safetensors(path: str | os.PathLike, framework: str, what: str) -> tuple[dict[str, str], dict[str, Any]]:

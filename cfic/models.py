@@ -204,7 +204,8 @@ def convert_gguf(gguf: Path, target: Path) -> None:
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
 
-    write_folder_atomic(target, fill, replace=False)  # another process that finished first keeps its folder
+    # another process that finished first keeps its folder; a half-written one (no config.json) is replaced
+    write_folder_atomic(target, fill, replace=False, complete=lambda f: (f / "config.json").is_file())
 
 
 def resolve_model_path(name_or_path: str | os.PathLike | None) -> tuple[Path, str, bool]:

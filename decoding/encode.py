@@ -22,7 +22,14 @@ import torch
 from cfic.config import GroundingConfig
 from cfic.decoding.runner import KVCache, LayerRunner, prefill
 from cfic.decoding.trie import SentenceTrie
-from cfic.errors import CficError, EmptyDocumentError, EmptyQueryError, GroundingCancelled, QueryTooLongError
+from cfic.errors import (
+    CficError,
+    EmptyDocumentError,
+    EmptyQueryError,
+    GroundingCancelled,
+    QueryTooLongError,
+    require_positive_int,
+)
 from cfic.text import Sentence, split_sentences
 
 _DOC, _QUERY = "\u2063CFIC_DOCUMENT\u2063", "\u2063CFIC_QUESTION\u2063"
@@ -44,7 +51,7 @@ class PromptTemplate:
     eos_ids: tuple[int, ...]
 
     @classmethod
-    def for_tokenizer(cls, tokenizer, instruction: str, eos_ids: Sequence[int] | None = None) -> PromptTemplate:
+    def for_tokenizer(cls, tokenizer, instruction: str, eos_ids: Sequence[int]) -> PromptTemplate:
         user = f"{instruction}\n\nDocument:\n{_DOC}\n\nQuestion: {_QUERY}"
         text = None
         if getattr(tokenizer, "chat_template", None):
@@ -61,9 +68,7 @@ class PromptTemplate:
         else:
             head, between, tail = f"{instruction}\n\nDocument:\n", "\n\nQuestion: ", "\nEvidence:\n"
             head_ids = tuple(tokenizer(head, add_special_tokens=True)["input_ids"])
-        eos = set(eos_ids or ())
-        if tokenizer.eos_token_id is not None:
-            eos.add(int(tokenizer.eos_token_id))
+        eos = set(eos_ids)  # cfic.models.eos_token_ids: the generation config's and the tokenizer's
         if not eos:
             raise CficError("the tokenizer has no end-of-sequence token; cfic needs one to end evidence")
         return cls(head_ids, between, tail, tuple(sorted(eos)))
@@ -227,8 +232,7 @@ def prefill_chunked(runner: LayerRunner, input_ids: torch.Tensor, chunk_tokens: 
     real tokens. ``cancel`` is asked between passes; True raises :class:`~cfic.errors.GroundingCancelled`."""
     from cfic.decoding.runner import causal_extension_mask, forward
 
-    if chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    require_positive_int("chunk_tokens", chunk_tokens)
     batch, n = input_ids.shape
     step = max(1, chunk_tokens // batch)
     if n <= step:

@@ -12,7 +12,7 @@ Why the cache stays consistent: a token only attends to the shared prefix (every
 its own hypothesis, whose offsets are smaller, so by monotonicity they ran every layer it runs: whenever it reads
 K/V of layer ``j``, those K/V were computed. In cfic's packed layout hypotheses are interleaved in one row, but the
 tree mask never lets a token see another hypothesis's tokens, and tokens at the same offset share the schedule
-whatever their place in the row. ``forward`` writes zeros as the K/V of a skipped (token, layer) pair; they sit
+whatever their place in the row. ``SkippedLayers`` writes zeros as the K/V of a skipped (token, layer) pair; they sit
 only under masked-out entries. ``check_consistent`` verifies the property for a concrete mask (used by the tests).
 """
 

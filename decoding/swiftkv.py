@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from cfic.errors import CficError
+from cfic.errors import CficError, require_positive_int
 from cfic.files import read_safetensors, write_atomic
 
 if TYPE_CHECKING:
@@ -149,8 +149,7 @@ class SwiftKV(nn.Module):
         n = len(layers)
         if not isinstance(layer, int) or not 1 <= layer <= n:
             raise ValueError(f"the SwiftKV layer must lie in [1, {n}], got {layer!r}")
-        if not isinstance(group, int) or group < 1:
-            raise ValueError(f"the AcrossKV group size must be a positive integer, got {group!r}")
+        require_positive_int("the AcrossKV group size", group)
         self.layer, self.group, self.num_layers = layer, group, n
         self.q_rank, self.q_scale = q_rank, q_scale
         object.__setattr__(self, "_model", model)

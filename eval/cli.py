@@ -51,10 +51,10 @@ def evaluate_command(
     accel: AccelerationOptions,  # shown as its options (cfic.cli_options)
 ) -> None:
     """Measure cfic and every baseline on the same documents; write report.json, report.md and a plot."""
-    from cfic.errors import CficError
+    from cfic.errors import require_positive_int
 
-    if limit is not None and limit < 1:
-        raise CficError(f"--limit must be at least 1, got {limit}")
+    if limit is not None:
+        require_positive_int("--limit", limit)
     from cfic.eval.report import PLOT_NAME, markdown_table
     from cfic.eval.runner import evaluate
 

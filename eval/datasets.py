@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from cfic.errors import CficError
+from cfic.errors import CficError, require_positive_int
 from cfic.eval.generic import Example, examples_from_table
 from cfic.eval.metrics import contains_answer
 from cfic.text import split_sentences
@@ -241,8 +241,7 @@ def build_nq_examples(
     """Documents of K passages for ``records[i]`` (i in ``selected``), distractors from ``pool_members``."""
     from cfic.retrieval.bm25 import BM25
 
-    if k < 1:
-        raise CficError(f"--k must be at least 1, got {k}")
+    require_positive_int("--k", k)
     pool = _build_pool(records, pool_members, exclude)
     need = k - 1
     ranked: list[list[int]] = [[] for _ in selected]
@@ -343,8 +342,8 @@ def load_split(
         raise CficError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     if split not in _SPLITS[dataset]:
         raise CficError(f"dataset {dataset!r} has no {split!r} split; it has {', '.join(_SPLITS[dataset])}")
-    if limit is not None and limit < 1:
-        raise CficError(f"--limit must be at least 1, got {limit}")
+    if limit is not None:
+        require_positive_int("--limit", limit)
     if k is not None and dataset != "nq":
         raise CficError("--k (passages per document) applies to --dataset nq only")
     if dataset == "generic":
@@ -358,8 +357,6 @@ def load_split(
         raise CficError("--data-file takes the generic schema (--dataset generic) or NQ-format files "
                         "(nq-open-oracle layout, --dataset nq)")
     k = DEFAULT_K if k is None else k
-    if k < 1:
-        raise CficError(f"--k must be at least 1, got {k}")
     if data_file is not None:
         records = read_nq_file(data_file)
         chosen = list(range(len(records)))[: limit or None]

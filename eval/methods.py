@@ -122,7 +122,8 @@ class EvalContext:
             raise CficError(f"{ACCEL_METHOD} needs an acceleration option (--swiftkv, --swiftkv-layer, --layer-skip, "
                             "--ffn-skip)")
         if self._accel is None:
-            from cfic.grounder import Grounder, load_swiftkv
+            from cfic.decoding.swiftkv import load_swiftkv
+            from cfic.grounder import Grounder
 
             main = self.grounder
             config = main.config.with_options(**self.acceleration.get("options", {}))

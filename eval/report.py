@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from cfic.errors import CficError
+from cfic.files import write_atomic
 
 PLOT_NAME = "recall_vs_tokens.png"
 ABSTENTION_PLOT = "abstention_tradeoff.png"
@@ -146,7 +147,7 @@ def plot_abstention(report: dict[str, Any], path: Path) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
-    fig.savefig(path)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
 
 
@@ -174,7 +175,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.set_title(f"{report['dataset']} (n={report['n']}, {report['model']})", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
 
 
@@ -185,8 +186,8 @@ def write_report(report: dict[str, Any], scores: dict[str, Sequence[Any]] | None
     except OSError as exc:
         raise CficError(f"cannot create --out {str(out)!r}: {exc.strerror or exc}") from exc
     paths = [out / "report.json", out / "report.md", out / PLOT_NAME]
-    paths[0].write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    paths[1].write_text(markdown_report(report), encoding="utf-8")
+    write_atomic(paths[0], json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    write_atomic(paths[1], markdown_report(report))
     plot(report, paths[2])
     if report.get("abstention"):
         paths.append(out / ABSTENTION_PLOT)
@@ -198,11 +199,11 @@ def write_report(report: dict[str, Any], scores: dict[str, Sequence[Any]] | None
             rows = {m: [vars(s) for s in items] for m, items in scores.items()}
             with_no_evidence = any(not s.answerable for s in scores["cfic"])
             report["comparisons"] = compare(rows, with_no_evidence=with_no_evidence)
-            paths[0].write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-            paths[1].write_text(markdown_report(report) + "\nPaired bootstrap 95% intervals (2,000 resamples) of "
-                                "the differences:\n\n" + markdown(report["comparisons"]) + "\n", encoding="utf-8")
+            write_atomic(paths[0], json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+            write_atomic(paths[1], markdown_report(report) + "\nPaired bootstrap 95% intervals (2,000 resamples) of "
+                                "the differences:\n\n" + markdown(report["comparisons"]) + "\n")
         lines = [json.dumps({"method": method, **vars(s)}, ensure_ascii=False)
                  for method, items in scores.items() for s in items]
-        (out / "examples.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        write_atomic(out / "examples.jsonl", "\n".join(lines) + "\n")
         paths.append(out / "examples.jsonl")
     return paths

@@ -189,7 +189,7 @@ class CFICRetriever(BaseRetriever):
             hits = [h for h in hits if h.score >= self.min_retrieval_score]
         if not hits:
             return []
-        sources = [Document(text=h.text, id=h.id, metadata=h.metadata) for h in hits]
+        sources = [as_document({"id": h.id, "text": h.text, "metadata": h.metadata}, i) for i, h in enumerate(hits)]
         result = grounder.ground(query, sources, **options)
         extra = [{"retrieval_score": h.score} for h in hits]
         return _evidence_documents(result, sources, extra)[:k]

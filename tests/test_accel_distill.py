@@ -14,6 +14,7 @@ from cfic.decoding.encode import PromptTemplate
 from cfic.decoding.runner import LayerRunner
 from cfic.decoding.swiftkv import SwiftKV
 from cfic.grounder import Grounder
+from cfic.models import eos_token_ids
 from cfic.training.distill import DistillSettings, distill, distill_items, distill_loss
 
 LAYERS = 4
@@ -34,7 +35,8 @@ def test_items_come_from_the_training_split_and_end_with_the_continuation(loaded
     from cfic.eval import load_split
 
     config = GroundingConfig()
-    template = PromptTemplate.for_tokenizer(loaded.tokenizer, config.instruction)
+    template = PromptTemplate.for_tokenizer(loaded.tokenizer, config.instruction,
+                                           eos_token_ids(loaded.model, loaded.tokenizer))
     items = distill_items(loaded.tokenizer, template, config, settings_for(tmp_path, limit=5))
     assert 1 <= len(items) <= 5
     train_q = {e.question for e in load_split("nq", "train", k=2, limit=5)}
@@ -48,7 +50,8 @@ def test_items_come_from_the_training_split_and_end_with_the_continuation(loaded
 def test_loss_vanishes_where_swiftkv_is_exact(loaded, tmp_path):
     """At l = L-1 the zero-training student is the teacher: the training path must see no difference there."""
     config = GroundingConfig()
-    template = PromptTemplate.for_tokenizer(loaded.tokenizer, config.instruction)
+    template = PromptTemplate.for_tokenizer(loaded.tokenizer, config.instruction,
+                                           eos_token_ids(loaded.model, loaded.tokenizer))
     settings = settings_for(tmp_path)
     item = distill_items(loaded.tokenizer, template, config, settings)[0]
     teacher = LayerRunner(loaded.model)

@@ -59,6 +59,7 @@ def test_cached_and_uncached_encodings_give_the_same_evidence(tiny_grounder):
     cached = g.ground(query, encodings)
     other = g.ground("Something else entirely?", encodings)
     again = g.ground(query, encodings)
+    assert plain.evidence  # otherwise the comparisons below agree vacuously
     assert [e.to_dict() | {"score": 0} for e in plain.evidence] == [e.to_dict() | {"score": 0} for e in cached.evidence]
     assert [e.score for e in plain.evidence] == pytest.approx([e.score for e in cached.evidence], rel=1e-4)
     assert [e.to_dict() for e in again.evidence] == [e.to_dict() for e in cached.evidence]

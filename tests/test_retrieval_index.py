@@ -149,7 +149,7 @@ def test_a_failed_save_leaves_the_index_as_it_was(index, monkeypatch):
     def broken_replace(src, dst):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("cfic.retrieval.index.os.replace", broken_replace)
+    monkeypatch.setattr("cfic.files.os.replace", broken_replace)
     with pytest.raises(OSError):
         index.add([{"id": "new", "text": "A brand new document about tides."}])
     with pytest.raises(OSError):

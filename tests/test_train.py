@@ -131,3 +131,41 @@ def test_squad_training_windows_keep_the_gold_and_leave_the_calibration_question
     assert 0.15 * len(train_side) < len(held) < 0.35 * len(train_side)
     assert any(not ex.answerable for ex in calibration_examples(settings))
     assert squad_windows(train_side, 5, 0) == windows  # seeded
+
+
+def test_a_failed_folder_swap_keeps_the_previous_folder(tmp_path, monkeypatch):
+    """write_folder_atomic: when the new folder cannot be moved in, the previous one is put back, not deleted; a
+    half-written folder is replaced even with replace=False; a kill between the renames leaves a findable copy."""
+    from pathlib import Path
+
+    from cfic.files import previous_folder, write_folder_atomic
+
+    target = tmp_path / "checkpoint"
+    write_folder_atomic(target, lambda f: (f / "state").write_text("one"))
+    real_rename = Path.rename
+
+    def failing(self, dest):
+        if Path(dest) == target and self.name != target.name:
+            raise OSError("disk full")
+        return real_rename(self, dest)
+
+    monkeypatch.setattr(Path, "rename", failing)
+    with pytest.raises(OSError):
+        write_folder_atomic(target, lambda f: (f / "state").write_text("two"))
+    monkeypatch.undo()
+    assert (target / "state").read_text() == "one"
+    assert not list(tmp_path.glob(".checkpoint.*"))  # no temp or aside copies left behind
+
+    model = tmp_path / "model"
+    model.mkdir()  # an empty leftover from an interrupted conversion
+    write_folder_atomic(model, lambda f: (f / "config.json").write_text("{}"), replace=False,
+                        complete=lambda f: (f / "config.json").is_file())
+    assert (model / "config.json").is_file()
+    write_folder_atomic(model, lambda f: (f / "other").write_text("x"), replace=False,
+                        complete=lambda f: (f / "config.json").is_file())
+    assert not (model / "other").exists()  # a finished folder is kept
+
+    aside = tmp_path / ".checkpoint.old.abc" / "checkpoint"
+    aside.mkdir(parents=True)
+    real_rename(target, tmp_path / "gone")
+    assert previous_folder(target) == aside

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cfic.errors import CficError
-from cfic.files import write_atomic, write_folder_atomic
+from cfic.files import previous_folder, write_atomic, write_folder_atomic
 from cfic.training import loop
 from cfic.training.calibration import calibrate
 from cfic.training.lora_items import item_tensors, training_items
@@ -82,6 +82,8 @@ def _resume(model, optimizer, folder: Path) -> loop.LoopState:
     from safetensors.torch import load_file
 
     state = loop.LoopState()
+    if not (folder / TRAINER_STATE).is_file():  # a kill between write_folder_atomic's two renames
+        folder = previous_folder(folder) or folder
     if (folder / TRAINER_STATE).is_file():
         saved = torch.load(folder / TRAINER_STATE, weights_only=True)  # never unpickle code
         set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
