@@ -53,6 +53,7 @@ METHOD_NAMES = ("cfic", "cfic-lm-only", "cfic-no-skip", "cfic-zero-shot", "prior
 # Not among the defaults: the main cfic grounder with acceleration options (``cfic evaluate --swiftkv ...``), its own
 # row next to ``cfic`` so that the recall an acceleration costs gets a paired interval in one run.
 ACCEL_METHOD = "cfic-accel"
+BUDGET_METHOD_PREFIX = "cfic-budget"
 DEFAULT_BUDGET = 3
 GENERATE_SLACK_TOKENS = 32
 GENERATE_DEFAULT_TOKENS = 128
@@ -226,11 +227,12 @@ class CficMethod(Method):
     state_key = "cfic-encoding"
 
     def __init__(self, name: str, skip_decoding: bool, threshold: float | None = None,
-                 use_prior: bool = True) -> None:
+                 use_prior: bool = True, max_span_tokens: int | None = None) -> None:
         self.name = name
         self.skip_decoding = skip_decoding
         self.threshold = threshold
         self.use_prior = use_prior
+        self.max_span_tokens = max_span_tokens  # per call (None: the configuration's); same encodings as cfic
 
     def grounder(self, ctx: EvalContext) -> Any:
         return ctx.grounder
@@ -241,7 +243,8 @@ class CficMethod(Method):
     def run(self, ctx: EvalContext, example: Example, state: Any, budget: Budget) -> MethodOutput:
         grounder = self.grounder(ctx)
         result = grounder.ground(example.question, state, skip_decoding=self.skip_decoding,
-                                 threshold=self.threshold, use_prior=self.use_prior, abstain=False)
+                                 threshold=self.threshold, use_prior=self.use_prior, abstain=False,
+                                 max_span_tokens=self.max_span_tokens)
         spans = [Span(e.document_index, e.start_char, e.end_char, e.text) for e in result.evidence]
         chosen = {(e.document_index, i) for e in result.evidence
                   for i in range(e.sentence_start, e.sentence_end)}
@@ -476,10 +479,23 @@ def make_methods(names: Sequence[str], *, generate_max_tokens: int = GENERATE_MA
     }
     out = []
     for name in names:
-        if name not in factories:
+        budget = span_budget_of(name)
+        if budget is not None:
+            out.append(CficMethod(name, True, threshold, max_span_tokens=budget))
+        elif name in factories:
+            out.append(factories[name]())
+        else:
             raise CficError(f"unknown method {name!r}; choose from {', '.join((*METHOD_NAMES, ACCEL_METHOD))}")
-        out.append(factories[name]())
     return out
+
+
+def span_budget_of(name: str) -> int | None:
+    """``cfic-budget<N>``: cfic with a skip-decoding budget of N tokens (at most the configuration's, whose windows
+    the encodings were cut for), on cfic's own encodings -- a shorter budget compared side by side, paired."""
+    digits = name.removeprefix(BUDGET_METHOD_PREFIX)
+    if not name.startswith(BUDGET_METHOD_PREFIX) or not digits.isdigit() or int(digits) < 1:
+        return None
+    return int(digits)
 
 
 def parse_methods(value: str | Sequence[str] | None) -> list[str]:
@@ -491,6 +507,6 @@ def parse_methods(value: str | Sequence[str] | None) -> list[str]:
     if not names:
         raise CficError(f"--methods is empty; choose from {', '.join(METHOD_NAMES)}")
     for name in names:
-        if name not in METHOD_NAMES and name != ACCEL_METHOD:
+        if name not in METHOD_NAMES and name != ACCEL_METHOD and span_budget_of(name) is None:
             raise CficError(f"unknown method {name!r}; choose from {', '.join((*METHOD_NAMES, ACCEL_METHOD))}")
     return list(dict.fromkeys(names))

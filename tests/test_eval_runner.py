@@ -251,3 +251,21 @@ def test_options_that_keep_the_encoding_share_it_between_cfic_and_cfic_accel(nq_
     rows = [json.loads(line) for line in (tmp_path / "examples.jsonl").read_text().splitlines()]
     encode = {(r["method"], r["example_id"]): r["stages"]["encode_ms"] for r in rows}
     assert {e for _, e in encode} and all(encode["cfic", e] == encode["cfic-accel", e] for _, e in encode)
+
+
+def test_a_span_budget_row_shares_cfics_encodings_and_keeps_its_spans_within_the_budget(nq_file, tiny_grounder):
+    """cfic-budget<N>: cfic with a shorter skip-decoding budget on cfic's own encodings, side by side and paired."""
+    from cfic.grounder import Grounder
+
+    g = Grounder(tiny_grounder.loaded, tiny_grounder.config.with_options(max_span_tokens=128,
+                                                                          max_sentence_tokens=32))
+    encodes = []
+    real_encode = g.encode
+    g.encode = lambda docs, *a, **kw: encodes.append(1) or real_encode(docs, *a, **kw)  # count, do not change
+    report = evaluate("nq", data_file=nq_file, k=4, limit=3, methods="cfic,cfic-budget32", grounder=g,
+                      progress=False)
+    assert len(encodes) == 3  # one encoding per example, read by both rows
+    short, full = report["methods"]["cfic-budget32"], report["methods"]["cfic"]
+    assert short["evidence_tokens"] <= full["evidence_tokens"]
+    with pytest.raises(CficError, match="unknown method 'cfic-budgetx'"):
+        evaluate("nq", data_file=nq_file, methods="cfic,cfic-budgetx", grounder=g, progress=False)
