@@ -84,8 +84,7 @@ def write_folder_atomic(folder: str | os.PathLike, fill: Callable[[Path], None],
             tmp.rename(folder)
         except OSError:
             if old is not None and not folder.exists():
-                (old / folder.name).rename(folder)  # put the previous folder back
-                old = None
+                (old / folder.name).rename(folder)  # put the previous folder back (the finally drops the empty aside)
             if replace or not folder.exists():
                 raise
         fsync_dir(folder.parent)
