@@ -203,7 +203,17 @@ class Grounder:
         """Read documents once; the encodings can be passed to ``ground`` for any number of questions.
 
         ``cancel``: asked between prefill batches; True stops with :class:`~cfic.errors.GroundingCancelled`."""
-        return self._read(self._plan(self._normalise(documents)), None, progress, cancel)
+        return self.read(self.plan(documents), progress, cancel)
+
+    def plan(self, documents: Iterable[DocumentInput]) -> list[DocumentEncoding | DocumentPlan]:
+        """The first half of :meth:`encode`: split, tokenise and (with a prior) embed the sentences -- everything
+        before the LM reads the documents. Encodings pass through."""
+        return self._plan(self._normalise(documents))
+
+    def read(self, planned: Sequence[DocumentEncoding | DocumentPlan], progress: bool = False,
+             cancel: Callable[[], bool] | None = None) -> list[DocumentEncoding]:
+        """The second half of :meth:`encode`: the LM's prefill of planned documents."""
+        return self._read(list(planned), None, progress, cancel)
 
     def _plan(self, docs: list[DocumentInput]) -> list[DocumentEncoding | DocumentPlan]:
         """Split and tokenise raw documents, with the prior's features (cheap next to reading them); encodings

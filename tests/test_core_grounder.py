@@ -181,3 +181,17 @@ def test_offset_invariant_on_arbitrary_unicode(tiny_grounder, text):
     r = tiny_grounder.ground("what?", [text, "Fixed second document. With two sentences."], top_k=3)
     assert r.evidence
     assert_verbatim(r, [text, "Fixed second document. With two sentences."])
+
+
+def test_plan_then_read_is_encode(tiny_grounder):
+    """``encode`` in two halves: planning reads nothing with the LM; reading the plans gives the same encodings."""
+    from cfic.decoding.encode import DocumentPlan
+
+    plans = tiny_grounder.plan(DOCS)
+    assert all(isinstance(p, DocumentPlan) for p in plans)
+    read, whole = tiny_grounder.read(plans), tiny_grounder.encode(DOCS)
+    for a, b in zip(read, whole, strict=True):
+        assert (a.document_id, a.sentences, a.answer_ids) == (b.document_id, b.sentences, b.answer_ids)
+        for wa, wb in zip(a.windows, b.windows, strict=True):
+            torch.testing.assert_close(wa.kv.keys[0], wb.kv.keys[0])
+    assert tiny_grounder.read(read) == read  # encodings pass through

@@ -22,7 +22,7 @@ def summary(timings: Timings) -> dict[str, float]:
     """Medians of one configuration's measurements."""
     med = statistics.median
     out = {"cold_ms": med(timings.cold_ms), "warm_ms": med(timings.warm_ms), "encode_ms": med(timings.encode_ms),
-           "prefix_ms": med(timings.prefix_ms), "skip_ms": med(timings.skip_ms)}
+           "read_ms": med(timings.read_ms), "prefix_ms": med(timings.prefix_ms), "skip_ms": med(timings.skip_ms)}
     out["warm_over_cold"] = out["warm_ms"] / out["cold_ms"]
     return out
 
@@ -108,10 +108,14 @@ def run_core_bench(model: str | None, doc_tokens: int, n_docs: int, n_questions:
     for name, g in grounders.items():
         dt = str(g.runner.dtype).removeprefix("torch.")
         n = report["actual_doc_tokens"]
-        seconds = report["configs"][name]["encode_ms"] / 1000
+        # The prefill is the LM reading the document (``read_ms``); the encode also plans it (sentence split,
+        # tokens, and the prior's MiniLM sentence embeddings), another model's work that counts in the encode only.
+        seconds = report["configs"][name]["read_ms"] / 1000
         achieved = encoding_flops(g, n) / seconds / 1e9
+        encode_gflops = encoding_flops(g, n) / (report["configs"][name]["encode_ms"] / 1000) / 1e9
         report["configs"][name] |= {"prefill_tokens_per_s": n / seconds, "prefill_gflops": achieved,
-                                    "matmul_peak_gflops": peak[dt], "share_of_peak": achieved / peak[dt]}
+                                    "matmul_peak_gflops": peak[dt], "share_of_peak": achieved / peak[dt],
+                                    "encode_share_of_peak": encode_gflops / peak[dt]}
     return report
 
 
@@ -121,12 +125,12 @@ def print_core_report(report: dict[str, Any]) -> None:
 
     console = Console()
     table = Table(title=f"cfic core latency (~{report['actual_doc_tokens']:.0f}-token documents, medians)")
-    for col in ("dtype", "cold ms", "warm ms", "warm/cold", "encode ms", "prefix ms", "skip ms", "prefill tok/s",
-                "GFLOP/s (peak)"):
+    for col in ("dtype", "cold ms", "warm ms", "warm/cold", "encode ms (LM read)", "prefix ms", "skip ms",
+                "prefill tok/s", "GFLOP/s (peak)"):
         table.add_column(col, justify="right")
     for dt, c in report["configs"].items():
         table.add_row(dt, f"{c['cold_ms']:.0f}", f"{c['warm_ms']:.0f}", f"{c['warm_over_cold']:.1%}",
-                      f"{c['encode_ms']:.0f}", f"{c['prefix_ms']:.0f}", f"{c['skip_ms']:.0f}",
+                      f"{c['encode_ms']:.0f} ({c['read_ms']:.0f})", f"{c['prefix_ms']:.0f}", f"{c['skip_ms']:.0f}",
                       f"{c['prefill_tokens_per_s']:.0f}",
                       f"{c['prefill_gflops']:.0f} ({c['matmul_peak_gflops']:.0f}, {c['share_of_peak']:.0%})")
     console.print(table)
