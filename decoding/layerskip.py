@@ -120,7 +120,7 @@ class SkippedLayers:
     def run(self, runner, index: int, state: LayerPass) -> Tensor:
         rows = self.rows[index]
         if rows is None:
-            return runner.run_layer(index, state.hidden, state.rope, state.cache, state.mask)
+            return PLAIN.run(runner, index, state)
         if rows.numel() == 0:
             return state.hidden
         cache = state.cache
@@ -149,7 +149,7 @@ class SparseFFN:
 
     def run(self, runner, index: int, state: LayerPass) -> Tensor:
         if index not in self.layers:
-            return runner.run_layer(index, state.hidden, state.rope, state.cache, state.mask)
+            return PLAIN.run(runner, index, state)
         hidden, similar = runner.run_layer_sparse_ffn(index, state, self.columns)
         self.columns = self.columns[~((similar >= self.schedule.threshold) & self.eligible[self.columns])]
         return hidden

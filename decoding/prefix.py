@@ -139,7 +139,7 @@ def constrained_prefix_search(
             rows = unscored.expand(len(live), -1)
             continue
         # Feed each live prefix's newest token; all of them in one packed row.
-        branches = [Branch(p.positions, p.tokens[-1:], shared + len(p.tokens) - 1) for p in live]
+        branches = [Branch(p.positions, p.tokens[-1:]) for p in live]
         hidden, fed = decode_step(runner, cache, branches, shared, layer_skip)
         rows = torch.log_softmax(runner.logits(hidden), dim=-1)
         live = [Prefix(p.node, p.tokens, p.logprob_sum, (*p.positions, *new), p.sentences, p.prior)

@@ -59,9 +59,9 @@ class Continuation:
     tokens: list[int]  # starts with the prefix's first unfed token
     boundaries: list[int]  # index in ``tokens`` of each sentence's last token
 
-    def branch(self, shared: int) -> Branch:
+    def branch(self) -> Branch:
         """The whole continuation as one branch of a packed step."""
-        return Branch(self.prefix.positions, self.tokens, shared + len(self.prefix.positions))
+        return Branch(self.prefix.positions, self.tokens)
 
 
 def continuation(prefix: Prefix, start: int, search: SpanSearch) -> Continuation:
@@ -96,7 +96,7 @@ def skip_decode_span_end(runner: LayerRunner, cache: KVCache, starts: Sequence[t
     for c in conts:
         rows.extend(offset + b for b in c.boundaries)
         offset += len(c.tokens)
-    hidden, _ = decode_step(runner, cache, [c.branch(search.shared) for c in conts], search.shared,
+    hidden, _ = decode_step(runner, cache, [c.branch() for c in conts], search.shared,
                             search.layer_skip, outputs=rows)
     probs = torch.softmax(runner.logits(hidden), dim=-1)[:, list(search.eos_ids)].sum(-1).tolist()
     out, k = [], 0
@@ -125,8 +125,7 @@ def greedy_span_end(runner: LayerRunner, cache: KVCache, starts: Sequence[tuple[
         live = [i for i, c in enumerate(conts) if not ended[i] and step < len(c.tokens)]
         if not live:
             break
-        branches = [Branch(histories[i], conts[i].tokens[step:step + 1],
-                           search.shared + len(conts[i].prefix.positions) + step) for i in live]
+        branches = [Branch(histories[i], conts[i].tokens[step:step + 1]) for i in live]
         hidden, fed = decode_step(runner, cache, branches, search.shared, search.layer_skip)
         logprobs = torch.log_softmax(runner.logits(hidden), dim=-1)
         for j, i in enumerate(live):

@@ -21,11 +21,11 @@ from cfic.decoding.runner import KVCache, LayerRunner, TreeMask, forward
 @dataclass(frozen=True)
 class Branch:
     """``history``: cache positions this hypothesis already owns (after the shared context); ``tokens``: what it
-    feeds now; ``position``: the rotary position of ``tokens[0]`` (the rest follow consecutively)."""
+    feeds now. Its tokens continue its own history, so the first sits at rotary position ``shared + len(history)``
+    (the rest follow consecutively) wherever the cache put the history."""
 
     history: Sequence[int]
     tokens: Sequence[int]
-    position: int
 
 
 @dataclass(frozen=True)
@@ -46,9 +46,9 @@ def pack(branches: Sequence[Branch], shared: int, base: int, device: torch.devic
     new_positions: list[list[int]] = []
     at = base
     for b in branches:
-        n = len(b.tokens)
+        n, first = len(b.tokens), shared + len(b.history)
         ids.extend(b.tokens)
-        rope.extend(range(b.position, b.position + n))
+        rope.extend(range(first, first + n))
         new_positions.append(list(range(at, at + n)))
         at += n
     mask = TreeMask(shared).build([list(b.history) for b in branches], new_positions, at, device)

@@ -72,7 +72,7 @@ def skip_pass_layout(enc, window, starts, shared, base, budget):
     """The packed skip pass's tree mask and rotary positions: the decoding package's own packing of the
     continuations ``skip_decode_span_end`` feeds (the code under test, not a copy of it)."""
     search = SpanSearch(enc.answer_ids, enc.segment_ids, window.last, budget, (0,), shared)
-    step = pack([continuation(p, s, search).branch(shared) for p, s in starts], shared, base, torch.device("cpu"))
+    step = pack([continuation(p, s, search).branch() for p, s in starts], shared, base, torch.device("cpu"))
     return step.mask, step.rope, base
 
 
