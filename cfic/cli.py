@@ -151,6 +151,7 @@ def _register_components() -> None:
     from cfic.training.commands import (
         distill_swiftkv_command,
         fit_abstention_command,
+        fit_attention_command,
         fit_prior_command,
         train_command,
     )
@@ -161,6 +162,7 @@ def _register_components() -> None:
     app.command("bench")(bench_command)
     app.command("train")(train_command)
     app.command("fit-prior")(fit_prior_command)
+    app.command("fit-attention")(fit_attention_command)
     app.command("fit-abstention")(fit_abstention_command)
     app.command("distill-swiftkv")(distill_swiftkv_command)
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cfic.errors import CficError, require_positive_int
 from cfic.prior import Abstention, PriorWeights
+
+if TYPE_CHECKING:  # cfic.attention imports torch; the configuration stays importable without it
+    from cfic.attention import AttentionRanker
 
 DEFAULT_INSTRUCTION = (
     "Read the document, then copy, word for word, the sentences of the document that answer the question. "
@@ -46,6 +49,12 @@ class GroundingConfig:
     constrained prefix search (:mod:`cfic.prior`); ``None`` runs the pure-LM search of the CFIC paper.
     ``abstention``: the fitted question-level ``no_evidence`` model; ``None`` never abstains (``threshold`` still
     drops low-scoring spans). Both come with the adapter (``cfic/data/adapter/cfic.json``).
+    ``attention``: the fitted attention ranker (:mod:`cfic.attention`): the question pass's attention over the
+    sentences, fused with the prior in the start search; ``None`` ranks starts by the prior alone. Comes with the
+    adapter too (it belongs to the weights whose heads it reads); it needs a ``prior`` to fuse with.
+    ``hops``: 2 searches a second time with the first hop's best span appended to the question (one more question
+    pass over the cached encodings, no new prefill) and returns that span followed by the second hop's best spans
+    outside it: a multi-hop question's bridge sentence, then what the bridge points to. Needs a ``prior``.
 
     Acceleration (all off by default; ``cfic bench`` measures each against the full model):
     ``swiftkv_layer``: SwiftKV SingleInputKV from this layer on — the K/V of layers ``>= swiftkv_layer`` come from
@@ -81,12 +90,16 @@ class GroundingConfig:
     layer_skip_warmup: int = 4
     prior: PriorWeights | None = None
     abstention: Abstention | None = None
+    attention: AttentionRanker | None = None
+    hops: int = 1
 
     def __post_init__(self) -> None:
         positive = ("top_k", "max_span_tokens", "max_sentence_tokens", "max_query_tokens", "max_prefix_tokens",
-                    "encode_batch_tokens")
+                    "encode_batch_tokens", "hops")
         for name in positive:
             require_positive_int(name, getattr(self, name))
+        if self.hops > 2:
+            raise CficError(f"hops must be 1 or 2, got {self.hops!r}")
         if self.max_sentence_tokens > self.max_span_tokens:
             raise CficError("max_sentence_tokens must not exceed max_span_tokens")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
@@ -100,6 +113,8 @@ class GroundingConfig:
             raise CficError(f"prior must be PriorWeights or None, got {type(self.prior).__name__}")
         if self.abstention is not None and not isinstance(self.abstention, Abstention):
             raise CficError(f"abstention must be an Abstention or None, got {type(self.abstention).__name__}")
+        if self.attention is not None and not hasattr(self.attention, "fused"):
+            raise CficError(f"attention must be an AttentionRanker or None, got {type(self.attention).__name__}")
         if self.ffn_skip is not None:
             if isinstance(self.ffn_skip, bool) or not isinstance(self.ffn_skip, (int, float)) \
                     or not 0.0 < self.ffn_skip <= 1.0:

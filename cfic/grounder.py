@@ -37,6 +37,8 @@ from cfic.text import Sentence, split_sentences
 from cfic.types import Document, Evidence, GroundingResult, Usage
 
 DocumentInput = str | dict[str, Any] | Document | DocumentEncoding
+# The second hop's question carries at most this much of the first hop's evidence (a span is at most 128 tokens).
+HOP_BRIDGE_TOKENS = 96
 
 
 @dataclass(frozen=True)
@@ -82,10 +84,12 @@ class GroundOptions(TypedDict, total=False):
     """The per-call options of :meth:`Grounder.ground` and :meth:`Grounder.ground_batch`."""
 
     top_k: int | None
+    hops: int | None
     max_span_tokens: int | None
     threshold: float | None
     skip_decoding: bool
     use_prior: bool
+    use_attention: bool
     abstain: bool | None
     cancel: Callable[[], bool] | None
 
@@ -111,6 +115,8 @@ class Grounder:
         self.sentence_prior = (sentence_prior or SentencePrior()) if config.prior is not None else None
         self.runner = LayerRunner(loaded.model, swiftkv)
         self._layer_skip(config)  # validate the schedule against the model once
+        if config.attention is not None:
+            config.attention.check(self.runner.num_layers, loaded.model.config.num_attention_heads)
         self.template = PromptTemplate.for_tokenizer(self.tokenizer, self.config.instruction,
                                                      eos_token_ids(loaded.model, self.tokenizer))
         self.max_context = self.config.max_context_tokens or self.runner.max_positions
@@ -250,7 +256,8 @@ class Grounder:
 
         ``options`` are :meth:`ground_batch`'s: ``top_k``, ``max_span_tokens``, ``threshold`` (per call, else the
         configuration's); ``skip_decoding=False`` runs the greedy span-end ablation; ``use_prior=False`` the
-        pure-LM prefix search even when the configuration has a prior; ``abstain`` acts on the ``no_evidence``
+        pure-LM prefix search even when the configuration has a prior; ``use_attention=False`` ranks starts by the
+        prior alone even when the configuration has an attention ranker; ``abstain`` acts on the ``no_evidence``
         model (default: as its settings say, ``enabled``; ``False`` still reports its probability but always
         returns the evidence); ``cancel`` is asked between encode batches and between windows, True stops with
         :class:`~cfic.errors.GroundingCancelled`."""
@@ -264,8 +271,10 @@ class Grounder:
         top_k: int | None = None,
         max_span_tokens: int | None = None,
         threshold: float | None = None,
+        hops: int | None = None,
         skip_decoding: bool = True,
         use_prior: bool = True,
+        use_attention: bool = True,
         abstain: bool | None = None,
         cancel: Callable[[], bool] | None = None,
     ) -> list[GroundingResult]:
@@ -273,9 +282,11 @@ class Grounder:
         if isinstance(queries, str):
             raise CficError("queries must be a list of strings")
         cfg = self.config.with_options(
-            **{k: v for k, v in {"top_k": top_k, "max_span_tokens": max_span_tokens, "threshold": threshold}.items()
-               if v is not None}
+            **{k: v for k, v in {"top_k": top_k, "max_span_tokens": max_span_tokens, "threshold": threshold,
+                                 "hops": hops}.items() if v is not None}
         )
+        if not use_attention and cfg.attention is not None:
+            cfg = cfg.with_options(attention=None)
         queries = list(queries)
         for q in queries:
             if not isinstance(q, str):
@@ -325,6 +336,10 @@ class Grounder:
                 if not rest or self._settled(spans, float(log_priors[qi][rest[0]].max()), cfg):
                     break
                 batch, rest = rest[:1], rest[1:]
+            if cfg.hops > 1 and log_priors[qi] is not None and spans:
+                with torch.inference_mode():
+                    spans = self._second_hop(query, spans, encodings, sorted(set(used)), cfg, skip_decoding, usage,
+                                             cancel)
             evidence = self._rank(spans, encodings, cfg)
             p_none = None
             if cfg.abstention is not None and (signals[qi] is not None or not cfg.abstention.needs_signals):
@@ -339,6 +354,27 @@ class Grounder:
             usage.latency_ms = (time.perf_counter() - t1) * 1000 + (setup_ms if qi == 0 else 0.0)
             results.append(GroundingResult(query, self.model_name, evidence, not evidence, usage, p_none))
         return results
+
+    def attention_log_probabilities(self, query: str, documents: Iterable[DocumentInput]) -> list[np.ndarray]:
+        """Each sentence's log-probability under the attention ranker alone, per document: the LM's reading of the
+        question with no prior (what the ranker contributes to the start search; normalised over each window's
+        sentences, a sentence in two windows keeps its first). Reads the documents that are not encodings yet."""
+        ranker = self.config.attention
+        if ranker is None:
+            raise CficError("this grounder has no attention ranker (fit one with cfic fit-attention)")
+        ids = self.template.query_ids(self.tokenizer, query, self.config.max_query_tokens)
+        encodings = self.encode(documents)
+        out = []
+        with torch.inference_mode():
+            for enc in encodings:
+                scores = np.zeros(len(enc.sentences), dtype=np.float32)
+                for window in reversed(enc.windows):
+                    lengths = [len(enc.segment_ids[s]) for s in range(window.first, window.last)]
+                    attention = question_pass(self.runner, window, ids, 0, None, lengths).attention
+                    null = self._content_free_attention(window, lengths) if ranker.calibrated else None
+                    scores[window.first: window.last] = ranker.log_probabilities(attention, null).numpy()
+                out.append(scores)
+        return out
 
     def _signals(self, query: str, planned: list[DocumentEncoding | DocumentPlan]) -> list | None:
         """The prior's per-sentence signals for each document, or None when the configuration has no prior."""
@@ -409,18 +445,26 @@ class Grounder:
                 if cancel is not None and cancel():
                     raise GroundingCancelled("grounding cancelled")
                 t0 = time.perf_counter()
-                cache, first, tapped = question_pass(self.runner, window, query_ids, room,
-                                                     None if probe is None else probe.layer)
+                ranker = cfg.attention if search_prior is not None else None
+                lengths = None if ranker is None else [len(enc.segment_ids[s]) for s in range(window.first,
+                                                                                              window.last)]
+                cache, first, tapped, attention = question_pass(self.runner, window, query_ids, room,
+                                                                None if probe is None else probe.layer, lengths)
                 p_end_first = min(p_end_first, end_probability(first, self.template.eos_ids))
                 if tapped is not None:
                     logit = probe.logit(tapped)
                     probe_logit = logit if probe_logit is None else min(probe_logit, logit)
+                window_prior = search_prior
+                if ranker is not None and search_prior is not None and attention is not None:
+                    null = self._content_free_attention(window, lengths) if ranker.calibrated else None
+                    window_prior = SearchPrior(ranker.fused(search_prior.log_prior, window.first, attention, null),
+                                               search_prior.lm_weight)
                 shared = cache.length
                 # Without LM steps, ranking more starts is free: keep a reserve for distinct spans.
-                refill = cfg.distinct_spans and search_prior is not None and search_prior.lm_weight == 0.0
+                refill = cfg.distinct_spans and window_prior is not None and window_prior.lm_weight == 0.0
                 prefixes = constrained_prefix_search(self.runner, cache, first, window.trie,
                                                      cfg.top_k * (2 if refill else 1), cfg.max_prefix_tokens,
-                                                     layer_skip, search_prior)
+                                                     layer_skip, window_prior)
                 t1 = time.perf_counter()
                 starts = candidates(prefixes[: cfg.top_k])
                 search = SpanSearch(enc.answer_ids, enc.segment_ids, window.last, cfg.max_span_tokens,
@@ -433,10 +477,54 @@ class Grounder:
                 usage.prefix_ms += (t1 - t0) * 1000
                 usage.skip_ms += (time.perf_counter() - t1) * 1000
                 for (prefix, _), end in zip(starts, ends, strict=True):
-                    doc_spans.append(_Span(d, end.start, end.end, math.exp(rank(prefix, search_prior)),
+                    doc_spans.append(_Span(d, end.start, end.end, math.exp(rank(prefix, window_prior)),
                                            end.end_probability))
             spans.extend(_merge_overlapping(doc_spans))
         return spans, p_end_first, probe_logit
+
+    def _second_hop(self, query: str, spans: list[_Span], encodings: list[DocumentEncoding], used: list[int],
+                    cfg: GroundingConfig, skip_decoding: bool, usage: Usage,
+                    cancel: Callable[[], bool] | None) -> list[_Span]:
+        """Search again with the first hop's best span in the question, over the documents already read (their
+        cached encodings: a question pass each, no prefill), and merge: that span first, then the second hop's best
+        spans that do not overlap it, then the first hop's others, ``top_k`` in all. Why: a multi-hop question's
+        answer sentence often shares nothing with the question but the bridge entity the first evidence names."""
+        best = min(spans, key=lambda s: (-s.score, s.document_index, s.start))
+        enc = encodings[best.document_index]
+        bridge = enc.text[enc.sentences[best.start].start: enc.sentences[best.end - 1].end]
+        hop_query = self._hop_query(query, bridge, cfg)
+        ids = self.template.query_ids(self.tokenizer, hop_query, cfg.max_query_tokens)
+        signals = self._signals(hop_query, encodings)
+        assert signals is not None and cfg.prior is not None
+        log_priors = SentencePrior.log_priors(signals, cfg.prior)
+        found, _, _ = self._spans(ids, encodings, cfg, skip_decoding, usage, log_priors, set(used), cancel)
+
+        def outside(s: _Span, taken: list[_Span]) -> bool:
+            return all(s.document_index != t.document_index or s.end <= t.start or t.end <= s.start for t in taken)
+
+        merged = [best]
+        for s in sorted(found, key=lambda s: (-s.score, s.document_index, s.start)):
+            if len(merged) < cfg.top_k and outside(s, merged):
+                merged.append(dataclasses.replace(s, score=min(s.score, best.score)))
+        for s in sorted(spans, key=lambda s: (-s.score, s.document_index, s.start)):
+            if len(merged) < cfg.top_k and outside(s, merged):
+                merged.append(dataclasses.replace(s, score=min(s.score, merged[-1].score)))
+        return merged
+
+    def _hop_query(self, query: str, bridge: str, cfg: GroundingConfig) -> str:
+        """The question followed by the bridge evidence, the bridge cut to what fits ``max_query_tokens`` (at most
+        ``HOP_BRIDGE_TOKENS``)."""
+        # 4 tokens of slack: decoding the cut bridge and tokenising it again next to the question can merge or split
+        room = cfg.max_query_tokens - len(self.tokenizer(query + " ", add_special_tokens=False)["input_ids"]) - 4
+        ids = self.tokenizer(bridge, add_special_tokens=False)["input_ids"][: max(0, min(HOP_BRIDGE_TOKENS, room))]
+        return f"{query} {self.tokenizer.decode(ids)}".strip() if ids else query
+
+    def _content_free_attention(self, window: Any, lengths: list[int]) -> Any:
+        """The attention of a content-free question over the window (the ranker's calibration, ICR)."""
+        from cfic.attention import CONTENT_FREE_QUESTION
+
+        ids = self.template.query_ids(self.tokenizer, CONTENT_FREE_QUESTION, self.config.max_query_tokens)
+        return question_pass(self.runner, window, ids, 0, None, lengths).attention
 
     def _rank(self, spans: list[_Span], encodings: list[DocumentEncoding], cfg: GroundingConfig) -> list[Evidence]:
         ranked = sorted(spans, key=lambda s: (-s.score, s.document_index, s.start))

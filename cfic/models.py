@@ -74,9 +74,9 @@ def adapter_threshold(adapter: str | os.PathLike | None) -> float | None:
 
 
 def adapter_settings(adapter: str | os.PathLike | None) -> dict[str, object]:
-    """GroundingConfig options fitted with an adapter (its ``cfic.json``): ``threshold``, ``prior`` and
-    ``abstention``, each present only when the file sets it. Scores belong to the weights that produced them, so
-    these travel with the adapter."""
+    """GroundingConfig options fitted with an adapter (its ``cfic.json``): ``threshold``, ``prior``,
+    ``abstention`` and ``attention`` (the attention ranker's file), each present only when the file sets it. Scores
+    belong to the weights that produced them, so these travel with the adapter."""
     from cfic.prior import Abstention, PriorWeights
 
     if adapter is None:
@@ -97,6 +97,10 @@ def adapter_settings(adapter: str | os.PathLike | None) -> dict[str, object]:
                                                   else data["prior"])
         if isinstance(data.get("abstention"), dict):
             out["abstention"] = Abstention.from_dict(data["abstention"], folder=Path(adapter))
+        if isinstance(data.get("attention"), dict) and data["attention"].get("file"):
+            from cfic.attention import AttentionRanker
+
+            out["attention"] = AttentionRanker.load(Path(adapter) / str(data["attention"]["file"]))
     except (ValueError, TypeError, KeyError) as exc:
         raise ModelLoadError(f"{path}: {exc}") from exc
     return out

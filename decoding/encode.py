@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import torch
 
 from cfic.config import GroundingConfig
+from cfic.decoding.attention import SentenceAttention, SentenceAttentionTap, sentence_token_bounds
 from cfic.decoding.runner import KVCache, LayerRunner, prefill
 from cfic.decoding.trie import SentenceTrie
 from cfic.errors import (
@@ -312,18 +313,24 @@ def read_documents(
 class QuestionPass(NamedTuple):
     """What the question pass leaves: the query-extended ``cache`` (with free room for decoding), the first answer
     token's log-probabilities (float32 ``[vocab]``) and, when asked for, the last question token's hidden state
-    leaving layer ``tap_layer`` (float32 ``[hidden]``; the answerability probe reads it)."""
+    leaving layer ``tap_layer`` (float32 ``[hidden]``; the answerability probe reads it) and, when asked for, the
+    question's attention over the window's sentences (:class:`~cfic.decoding.attention.SentenceAttention`)."""
 
     cache: KVCache
     first: torch.Tensor
     tapped: torch.Tensor | None
+    attention: SentenceAttention | None = None
 
 
 def question_pass(
-    runner: LayerRunner, window: EncodedWindow, query_ids: Sequence[int], room: int, tap_layer: int | None = None
+    runner: LayerRunner, window: EncodedWindow, query_ids: Sequence[int], room: int, tap_layer: int | None = None,
+    segment_lengths: Sequence[int] | None = None,
 ) -> QuestionPass:
-    """Append the question to a private copy of the window's cache (the encoding itself stays untouched)."""
-    from cfic.decoding.runner import causal_extension_mask, forward
+    """Append the question to a private copy of the window's cache (the encoding itself stays untouched).
+
+    ``segment_lengths``: the token counts of the window's sentence segments (``DocumentEncoding.segment_ids``
+    lengths for ``window.first .. window.last``); given, the pass also records the question's attention over them."""
+    from cfic.decoding.runner import PLAIN, causal_extension_mask, forward
 
     cache = window.kv.fork(len(query_ids) + room)
     start = cache.length
@@ -331,12 +338,18 @@ def question_pass(
     positions = torch.arange(start, start + ids.shape[1], device=runner.device).unsqueeze(0)
     mask = causal_extension_mask(start, ids.shape[1], runner.device)
     last = torch.tensor([ids.shape[1] - 1], device=runner.device)  # only the last token's output is read
+    tap = None
+    if segment_lengths is not None:
+        head = window.n_tokens - sum(segment_lengths)
+        tap = SentenceAttentionTap(sentence_token_bounds(head, list(segment_lengths)).to(runner.device))
+    layers = PLAIN if tap is None else tap
     tapped, lower, resume = None, None, 0
     if tap_layer is not None:
-        lower = forward(runner, ids, positions, cache, mask, stop=tap_layer)
+        lower = forward(runner, ids, positions, cache, mask, stop=tap_layer, layers=layers)
         tapped, resume = lower[0, -1].float(), tap_layer
-    hidden = forward(runner, ids, positions, cache, mask, outputs=last, start=resume, hidden=lower)
-    return QuestionPass(cache, torch.log_softmax(runner.logits(hidden[0, -1]), dim=-1), tapped)
+    hidden = forward(runner, ids, positions, cache, mask, outputs=last, start=resume, hidden=lower, layers=layers)
+    return QuestionPass(cache, torch.log_softmax(runner.logits(hidden[0, -1]), dim=-1), tapped,
+                        None if tap is None else tap.result())
 
 
 def encode_question(

@@ -10,11 +10,13 @@ import typer
 
 from cfic.cli_options import AccelerationOptions, with_option_groups
 
-DATASET_HELP = "nq (default), hotpotqa, squad, nq-long, or generic (your --data-file in the generic schema)."
+DATASET_HELP = ("nq (default), hotpotqa, hotpotqa-bridge (multi-hop), squad, nq-long, or generic (your --data-file in "
+                "the generic schema).")
 METHODS_HELP = ("Comma-separated: cfic, cfic-lm-only, cfic-no-skip, cfic-zero-shot, prior, embedding, bm25, generate, "
                 "full-document, random (default: all), cfic-accel (cfic with the acceleration options; added "
                 "by itself when one is given), and cfic-budget<N>, e.g. cfic-budget96 (cfic with a skip-decoding "
-                "budget of N tokens on cfic's own encodings).")
+                "budget of N tokens on cfic's own encodings); with an attention ranker also attention (the ranker "
+                "alone) and cfic-no-attention (starts by the prior alone); cfic-hop2 (a second hop).")
 
 
 def _command_line(**options: object) -> str:

@@ -18,6 +18,10 @@ split. No train question's gold passage shares a sentence with any eval record's
 with eval passages, so no eval text ever appears in training documents. HotpotQA's ``train`` split is a
 separate train-set sample. SQuAD's ``train`` split is the bundled article that comes from SQuAD's own train file
 (``SQUAD_TRAIN_ARTICLES``); the ``eval`` split is the dev-file articles.
+
+``hotpotqa-bridge`` is the multi-hop set: HotpotQA's *bridge* questions (the answer sits in a second paragraph that
+only an entity named in the first one leads to), both splits, scored by answer recall. (No MuSiQue-style 2-4 hop set
+could be bundled: none is among the raw files this project may redistribute.)
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from cfic.eval.metrics import contains_answer
 from cfic.text import split_sentences
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
-DATASETS = ("nq", "hotpotqa", "squad", "nq-long", "generic")
+DATASETS = ("nq", "hotpotqa", "hotpotqa-bridge", "squad", "nq-long", "generic")
 DEFAULT_K = 20
 NQ_EVAL_SIZE = 300
 MAX_PASSAGE_WORDS = 250
@@ -300,7 +304,8 @@ def _nq_bundled(split: str, k: int, seed: int) -> list[Example]:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _prebuilt(name: str, split: str) -> list[Example]:
+def _prebuilt(name: str, split: str, kind: str | None = None) -> list[Example]:
+    """The bundled ``name`` examples of ``split``; ``kind``: only those of that HotpotQA question type."""
     docs: dict[str, str] = {}
     docs_file = DATA_DIR / f"{name}_docs.jsonl.gz"
     if docs_file.exists():
@@ -308,7 +313,7 @@ def _prebuilt(name: str, split: str) -> list[Example]:
     examples = []
     for _, obj in read_jsonl(DATA_DIR / f"{name}.jsonl.gz"):
         side = obj.get("split") or ("train" if name == "squad" and obj["doc_id"] in SQUAD_TRAIN_ARTICLES else "eval")
-        if side != split:
+        if side != split or (kind is not None and obj.get("type") != kind):
             continue
         text = obj["document"] if "document" in obj else docs[obj["doc_id"]]
         key = obj.get("doc_id", obj["id"])
@@ -319,8 +324,8 @@ def _prebuilt(name: str, split: str) -> list[Example]:
     return examples
 
 
-_SPLITS = {"nq": ("eval", "train"), "hotpotqa": ("eval", "train"), "squad": ("eval", "train"), "nq-long": ("eval",),
-           "generic": ("eval",)}
+_SPLITS = {"nq": ("eval", "train"), "hotpotqa": ("eval", "train"), "hotpotqa-bridge": ("eval", "train"),
+           "squad": ("eval", "train"), "nq-long": ("eval",), "generic": ("eval",)}
 
 
 def load_split(
@@ -361,5 +366,10 @@ def load_split(
         records = read_nq_file(data_file)
         chosen = list(range(len(records)))[: limit or None]
         return build_nq_examples(records, chosen, list(range(len(records))), k=k, seed=seed, id_prefix="line")
-    examples = _nq_bundled(split, k, seed) if dataset == "nq" else _prebuilt(dataset.replace("-", "_"), split)
+    if dataset == "nq":
+        examples = _nq_bundled(split, k, seed)
+    elif dataset == "hotpotqa-bridge":  # the multi-hop set: bridge questions (answer in a second paragraph)
+        examples = _prebuilt("hotpotqa", split, kind="bridge")
+    else:
+        examples = _prebuilt(dataset.replace("-", "_"), split)
     return examples[:limit] if limit else examples

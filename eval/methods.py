@@ -9,6 +9,11 @@ Each method turns (question, documents) into evidence :class:`~cfic.eval.metrics
 * ``cfic-lm-only`` — the same encoding and adapter, with the pure-LM prefix search of the CFIC paper (no sentence
   prior, hence no abstention model either).
 * ``prior`` — the sentence prior alone (its fitted signal weights; no LM): the top sentences by prior logit.
+* ``attention`` — the attention ranker alone (the LM's question pass over cfic's encoding, no prior): the top
+  sentences by its log-probability. ``cfic-no-attention`` — cfic with the start search ranked by the prior alone
+  (the attention ranker off): with ``prior`` and ``attention``, what the fusion adds over each part.
+* ``cfic-hop2`` — cfic with a second hop (``hops=2``: search again with the first evidence in the question, on the
+  same encodings) — for multi-hop questions.
 * ``cfic-zero-shot`` — the pure-LM pipeline on the same model without the CFIC adapter and its fitted settings
   (prior, abstention, threshold): what fine-tuning buys. It has its own encoding (other weights).
 * ``embedding`` — all-MiniLM-L6-v2 cosine between the question and each sentence, top sentences (LangChain's
@@ -50,6 +55,9 @@ from cfic.text import Sentence, split_sentences
 
 METHOD_NAMES = ("cfic", "cfic-lm-only", "cfic-no-skip", "cfic-zero-shot", "prior", "embedding", "bm25", "generate",
                 "full-document", "random")
+# Not among the defaults (they need an attention ranker, which only some adapters bring): the fusion's two parts.
+ATTENTION_METHODS = ("attention", "cfic-no-attention")
+HOP_METHOD = "cfic-hop2"
 # Not among the defaults: the main cfic grounder with acceleration options (``cfic evaluate --swiftkv ...``), its own
 # row next to ``cfic`` so that the recall an acceleration costs gets a paired interval in one run.
 ACCEL_METHOD = "cfic-accel"
@@ -227,11 +235,14 @@ class CficMethod(Method):
     state_key = "cfic-encoding"
 
     def __init__(self, name: str, skip_decoding: bool, threshold: float | None = None,
-                 use_prior: bool = True, max_span_tokens: int | None = None) -> None:
+                 use_prior: bool = True, max_span_tokens: int | None = None, use_attention: bool = True,
+                 hops: int | None = None) -> None:
         self.name = name
         self.skip_decoding = skip_decoding
         self.threshold = threshold
         self.use_prior = use_prior
+        self.use_attention = use_attention
+        self.hops = hops  # per call (None: the configuration's)
         self.max_span_tokens = max_span_tokens  # per call (None: the configuration's); same encodings as cfic
 
     def grounder(self, ctx: EvalContext) -> Any:
@@ -244,7 +255,8 @@ class CficMethod(Method):
         grounder = self.grounder(ctx)
         result = grounder.ground(example.question, state, skip_decoding=self.skip_decoding,
                                  threshold=self.threshold, use_prior=self.use_prior, abstain=False,
-                                 max_span_tokens=self.max_span_tokens)
+                                 max_span_tokens=self.max_span_tokens, use_attention=self.use_attention,
+                                 hops=self.hops)
         spans = [Span(e.document_index, e.start_char, e.end_char, e.text) for e in result.evidence]
         chosen = {(e.document_index, i) for e in result.evidence
                   for i in range(e.sentence_start, e.sentence_end)}
@@ -359,6 +371,25 @@ class PriorMethod(Method):
         return MethodOutput(units.spans(picked), sentences=len(picked))
 
 
+class AttentionMethod(Method):
+    """The attention ranker alone, on cfic's own encodings: what the LM's reading adds without the prior."""
+
+    name = "attention"
+    needs_lm = True
+    state_key = "cfic-encoding"
+
+    def prepare(self, ctx: EvalContext, documents: Sequence[str]) -> Any:
+        return ctx.grounder.encode(list(documents))
+
+    def run(self, ctx: EvalContext, example: Example, state: Any, budget: Budget) -> MethodOutput:
+        if ctx.grounder.config.attention is None:
+            raise CficError("the 'attention' method needs an attention ranker (the adapter's, or cfic fit-attention)")
+        units = _Units.of(ctx, example.documents)
+        scores = np.concatenate(ctx.grounder.attention_log_probabilities(example.question, state))
+        picked = _top(scores, budget.sentences)
+        return MethodOutput(units.spans(picked), sentences=len(picked))
+
+
 class RandomMethod(Method):
     name = "random"
 
@@ -468,7 +499,10 @@ def make_methods(names: Sequence[str], *, generate_max_tokens: int = GENERATE_MA
         "cfic": lambda: CficMethod("cfic", True, threshold),
         "cfic-lm-only": lambda: CficMethod("cfic-lm-only", True, threshold, use_prior=False),
         "cfic-no-skip": lambda: CficMethod("cfic-no-skip", False, threshold),
+        "cfic-no-attention": lambda: CficMethod("cfic-no-attention", True, threshold, use_attention=False),
+        HOP_METHOD: lambda: CficMethod(HOP_METHOD, True, threshold, hops=2),
         "prior": PriorMethod,
+        "attention": AttentionMethod,
         "cfic-zero-shot": lambda: ZeroShotCficMethod(threshold),
         ACCEL_METHOD: lambda: AcceleratedCficMethod(threshold),
         "embedding": EmbeddingMethod,
@@ -485,8 +519,11 @@ def make_methods(names: Sequence[str], *, generate_max_tokens: int = GENERATE_MA
         elif name in factories:
             out.append(factories[name]())
         else:
-            raise CficError(f"unknown method {name!r}; choose from {', '.join((*METHOD_NAMES, ACCEL_METHOD))}")
+            raise CficError(f"unknown method {name!r}; choose from {', '.join(_ALL)}")
     return out
+
+
+_ALL = (*METHOD_NAMES, *ATTENTION_METHODS, HOP_METHOD, ACCEL_METHOD)
 
 
 def span_budget_of(name: str) -> int | None:
@@ -507,6 +544,6 @@ def parse_methods(value: str | Sequence[str] | None) -> list[str]:
     if not names:
         raise CficError(f"--methods is empty; choose from {', '.join(METHOD_NAMES)}")
     for name in names:
-        if name not in METHOD_NAMES and name != ACCEL_METHOD and span_budget_of(name) is None:
-            raise CficError(f"unknown method {name!r}; choose from {', '.join((*METHOD_NAMES, ACCEL_METHOD))}")
+        if name not in _ALL and span_budget_of(name) is None:
+            raise CficError(f"unknown method {name!r}; choose from {', '.join(_ALL)}")
     return list(dict.fromkeys(names))

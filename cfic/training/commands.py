@@ -1,4 +1,5 @@
-"""The command lines of the training jobs: ``cfic train``, ``distill-swiftkv``, ``fit-prior``, ``fit-abstention``.
+"""The command lines of the training jobs: ``cfic train``, ``distill-swiftkv``, ``fit-prior``, ``fit-attention``,
+``fit-abstention``.
 
 Thin: they parse, build the job's settings, run it (or relaunch it in the background) and print. A bad value ends
 as ``cfic.cli``'s one-line ``error:`` (every job raises ``CficError`` for them). Importing this module imports no
@@ -120,6 +121,25 @@ def fit_prior_command(
     report = fit_prior(examples, hotpot_examples, stage1_examples, adapter, out, dtype, n_squad=squad_questions,
                        threads=threads, n_squad_stage2=squad_stage2)
     _print_report(report)
+
+
+def fit_attention_command(
+    nq: Annotated[int, typer.Option("--nq", min=0, help="NQ training questions.")] = 200,
+    hotpot: Annotated[int, typer.Option("--hotpot", min=0, help="HotpotQA training questions.")] = 100,
+    squad: Annotated[int, typer.Option("--squad", min=0, help="Answerable SQuAD training-article questions held out "
+                                       "of LoRA training.")] = 200,
+    material: Annotated[str, typer.Option("--material", help="Folder for the collected attention (one .npz per "
+                                          "question; an interrupted run resumes from it).")] = "runs/attention",
+    adapter: Annotated[str | None, typer.Option("--adapter", help="Adapter folder (default: the bundled one); its "
+                                                "cfic.json and attention ranker are written.")] = None,
+    out: Annotated[str | None, typer.Option("--out", help="Write cfic.json (and the ranker next to it) here instead."
+                                            )] = None,
+) -> None:
+    """Fit the attention ranker (which heads' question-to-sentence attention marks evidence) and its fusion weight
+    with the prior on the training side; write them with the adapter."""
+    from cfic.training.fit_attention import fit_attention
+
+    _print_report(fit_attention(material, nq, hotpot, squad, adapter, out))
 
 
 def fit_abstention_command(

@@ -1,0 +1,141 @@
+"""The attention ranker: which of the LM's heads, reading the question after the cached document, look at the
+evidence (QRHead / ICR style), turned into a per-sentence log-probability that is fused with the sentence prior
+inside the constrained search.
+
+Why: with the prior alone the LM only chose where spans end, and the prior row matched cfic on NQ and HotpotQA
+(issue 29) — the LM's reading of the document went unused for the start. The question pass attends over the whole
+document anyway; :class:`~cfic.decoding.attention.SentenceAttentionTap` sums every head's attention on each
+sentence. A sentence's score is a linear function of the log attention mass of every (row, layer, head) — row 0 is
+the question's last token, row 1 the mean over its tokens — and of the log of its token count, and the ranker's
+log-probability is the log-softmax of the scores over the window's sentences. Optionally (``null_weights``) the same
+masses for a content-free question calibrate away what the heads look at whatever is asked (ICR). The weights are
+fitted listwise on training splits only (``cfic fit-attention``) and ship with the adapter whose weights produced
+the attention (``cfic/data/adapter/attention_ranker.safetensors``), like the prior's weights and the probe.
+
+Fusion: the search ranks a sentence by ``log prior + fusion * attention log-probability``. The attention term is at
+most 0, so a document's fused scores never exceed its prior masses, and best-first reading's stopping bound (the
+prior mass of the best sentence of an unread document) still holds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cfic.decoding.attention import SentenceAttention
+from cfic.errors import CficError
+from cfic.files import read_safetensors
+
+RANKER_FILE = "attention_ranker.safetensors"
+# The content-free question a calibrated ranker compares with (ICR): what the heads look at whatever is asked.
+CONTENT_FREE_QUESTION = "N/A"
+
+
+@dataclass(frozen=True, eq=False)
+class AttentionRanker:
+    """``score = sum(weights * log(mass + eps)) [+ sum(null_weights * log(null mass + eps))] + length_weight *
+    log(tokens)``; ``fusion``: its log-softmax's weight next to the prior. ``swiftkv_layer``: the SwiftKV layer of the
+    model it was fitted on (the layers above run the last question token only, which changes the mean row)."""
+
+    weights: np.ndarray  # [2, layers, heads]
+    length_weight: float
+    fusion: float
+    eps: float = 1e-4
+    null_weights: np.ndarray | None = None
+    swiftkv_layer: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.weights.ndim != 3 or self.weights.shape[0] != 2:
+            raise CficError(f"attention ranker weights must be [2, layers, heads], got {self.weights.shape}")
+        if self.null_weights is not None and self.null_weights.shape != self.weights.shape:
+            raise CficError("attention ranker null weights disagree in shape with its weights")
+        values = [self.length_weight, self.fusion, self.eps]
+        if not (np.isfinite(self.weights).all() and all(math.isfinite(v) for v in values)):
+            raise CficError("attention ranker has non-finite weights")
+        if self.fusion < 0 or self.eps <= 0:
+            raise CficError("attention ranker needs fusion >= 0 and eps > 0")
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether it needs the content-free question's attention too."""
+        return self.null_weights is not None
+
+    @property
+    def digest(self) -> str:
+        h = hashlib.sha256(f"{self.length_weight}|{self.fusion}|{self.eps}|{self.swiftkv_layer}".encode())
+        for a in (self.weights, self.null_weights):
+            if a is not None:
+                h.update(np.ascontiguousarray(a, dtype=np.float32).tobytes())
+        return h.hexdigest()[:16]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, AttentionRanker) and other.digest == self.digest
+
+    def __hash__(self) -> int:
+        return hash(self.digest)
+
+    def check(self, layers: int, heads: int) -> None:
+        """Refuse a model of another shape. (SwiftKV on or off is accepted: the fit gives the mean row no weight
+        from the SwiftKV layer on, where it is the last token's row with SwiftKV, and the layers below read the same
+        states either way; the upper layers' K/V are SwiftKV's distilled approximation.)"""
+        if self.weights.shape[1:] != (layers, heads):
+            raise CficError(f"the attention ranker was fitted for {self.weights.shape[1]} layers x "
+                            f"{self.weights.shape[2]} heads, the model has {layers} x {heads}")
+
+    def scores(self, attention: SentenceAttention, null: SentenceAttention | None = None) -> torch.Tensor:
+        """Unnormalised per-sentence scores ``[sentences]`` (float32)."""
+        w = torch.from_numpy(self.weights.astype(np.float32))
+        mass = torch.stack([attention.last, attention.mean]).float().cpu()
+        s = torch.einsum("rlhs,rlh->s", torch.log(mass + self.eps), w)
+        if self.null_weights is not None:
+            if null is None:
+                raise CficError("this attention ranker needs the content-free question's attention")
+            nmass = torch.stack([null.last, null.mean]).float().cpu()
+            s = s + torch.einsum("rlhs,rlh->s", torch.log(nmass + self.eps),
+                                 torch.from_numpy(self.null_weights.astype(np.float32)))
+        return s + self.length_weight * torch.log(attention.tokens.float().cpu().clamp(min=1.0))
+
+    def log_probabilities(self, attention: SentenceAttention, null: SentenceAttention | None = None) -> torch.Tensor:
+        """log-softmax of :meth:`scores` over the window's sentences (each at most 0)."""
+        return torch.log_softmax(self.scores(attention, null), dim=0)
+
+    def fused(self, log_prior: torch.Tensor, first: int, attention: SentenceAttention,
+              null: SentenceAttention | None = None) -> torch.Tensor:
+        """A document's log prior with the window's sentences ``[first, first + n)`` raised or lowered by the
+        attention log-probability (a copy; other sentences keep their prior)."""
+        out = log_prior.clone()
+        n = attention.num_sentences
+        out[first: first + n] += self.fusion * self.log_probabilities(attention, null)
+        return out
+
+    def save(self, path: str | os.PathLike, info: dict[str, str] | None = None) -> None:
+        from safetensors.numpy import save
+
+        from cfic.files import write_atomic
+
+        tensors = {"weights": np.ascontiguousarray(self.weights, dtype=np.float32)}
+        if self.null_weights is not None:
+            tensors["null_weights"] = np.ascontiguousarray(self.null_weights, dtype=np.float32)
+        meta = {"length_weight": repr(self.length_weight), "fusion": repr(self.fusion), "eps": repr(self.eps),
+                "swiftkv_layer": "" if self.swiftkv_layer is None else str(self.swiftkv_layer), **(info or {})}
+        write_atomic(path, save(tensors, metadata=meta))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> AttentionRanker:
+        try:
+            meta, tensors = read_safetensors(Path(path), "numpy", "attention ranker")
+            sw = meta.get("swiftkv_layer", "")
+            return cls(tensors["weights"], float(meta["length_weight"]), float(meta["fusion"]),
+                       float(meta.get("eps", "1e-4")), tensors.get("null_weights"), int(sw) if sw else None)
+        except (KeyError, ValueError) as exc:
+            raise CficError(f"bad attention ranker file {str(path)!r}: {exc}") from exc
+
+    def with_fusion(self, fusion: float) -> AttentionRanker:
+        return AttentionRanker(self.weights, self.length_weight, fusion, self.eps, self.null_weights,
+                               self.swiftkv_layer)

@@ -1,0 +1,233 @@
+"""The question pass's sentence attention against the model's own attention weights (HF eager attention)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cfic.decoding.encode import question_pass
+from cfic.errors import CficError
+from cfic.grounder import Grounder
+
+DOC = ("The Normans came from Normandy. They conquered England in 1066. "
+       "Rollo was their first ruler. The Rhine flows north.")
+QUESTION = "When did the Normans conquer England?"
+
+
+def _reference(loaded, ids: list[int], bounds: list[int], n_question: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per layer and head, the attention mass on each sentence from the question's last token and averaged over
+    the question tokens, from ``model(..., output_attentions=True)`` with eager attention."""
+    model = loaded.model
+    saved = model.config._attn_implementation
+    model.config._attn_implementation = "eager"
+    try:
+        with torch.no_grad():
+            out = model(torch.tensor([ids]), output_attentions=True)
+    finally:
+        model.config._attn_implementation = saved
+    last, mean = [], []
+    for layer in out.attentions:  # [1, heads, n, n]
+        rows = layer[0, :, -n_question:]  # the question's rows
+        mass = torch.stack([rows[..., a:b].sum(-1) for a, b in zip(bounds[:-1], bounds[1:], strict=True)], -1)
+        last.append(mass[:, -1])
+        mean.append(mass.mean(1))
+    return torch.stack(last), torch.stack(mean)
+
+
+@pytest.mark.numerics
+def test_sentence_attention_matches_the_models_own_attention_weights(tiny_loaded):
+    grounder = Grounder(tiny_loaded)
+    enc = grounder.encode([DOC])[0]
+    window = enc.windows[0]
+    lengths = [len(enc.segment_ids[s]) for s in range(window.first, window.last)]
+    query_ids = grounder.template.query_ids(grounder.tokenizer, QUESTION, grounder.config.max_query_tokens)
+    with torch.inference_mode():
+        plain = question_pass(grounder.runner, window, query_ids, 8)
+        tapped = question_pass(grounder.runner, window, query_ids, 8, segment_lengths=lengths)
+    att = tapped.attention
+    assert att is not None and len(lengths) >= 4
+    assert att.last.shape == (grounder.runner.num_layers, tiny_loaded.model.config.num_attention_heads, len(lengths))
+    # the tap changes nothing the pass computes
+    torch.testing.assert_close(tapped.first, plain.first)
+
+    head = window.n_tokens - sum(lengths)
+    ids = list(grounder.template.head_ids) + [t for s in range(window.first, window.last) for t in enc.segment_ids[s]]
+    bounds = [head, *(head + sum(lengths[: i + 1]) for i in range(len(lengths)))]
+    ref_last, ref_mean = _reference(tiny_loaded, ids + query_ids, bounds, len(query_ids))
+    torch.testing.assert_close(att.last, ref_last, atol=2e-4, rtol=1e-3)
+    torch.testing.assert_close(att.mean, ref_mean, atol=2e-4, rtol=1e-3)
+    # random weights still spread attention: the per-sentence masses are not all alike
+    assert float(att.last.std()) > 1e-3
+    assert torch.equal(att.tokens, torch.tensor(lengths, dtype=torch.float32))
+
+
+@pytest.mark.numerics
+def test_sentence_attention_with_the_probe_split_is_the_same(tiny_loaded):
+    """The answerability probe splits the question pass at a middle layer; the tap still sees every layer."""
+    grounder = Grounder(tiny_loaded)
+    enc = grounder.encode([DOC])[0]
+    window = enc.windows[0]
+    lengths = [len(enc.segment_ids[s]) for s in range(window.first, window.last)]
+    query_ids = grounder.template.query_ids(grounder.tokenizer, QUESTION, grounder.config.max_query_tokens)
+    with torch.inference_mode():
+        whole = question_pass(grounder.runner, window, query_ids, 8, segment_lengths=lengths).attention
+        split = question_pass(grounder.runner, window, query_ids, 8, tap_layer=1, segment_lengths=lengths).attention
+    torch.testing.assert_close(split.last, whole.last)
+    torch.testing.assert_close(split.mean, whole.mean)
+
+
+# ---------------------------------------------------------------- the attention ranker and its fusion
+
+
+def _ranker(layers: int, heads: int, *, length_weight: float = 0.0, fusion: float = 1.0, seed: int = 0,
+            calibrated: bool = False):
+    import numpy as np
+
+    from cfic.attention import AttentionRanker
+
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(2, layers, heads)).astype(np.float32)
+    null = rng.normal(size=(2, layers, heads)).astype(np.float32) if calibrated else None
+    return AttentionRanker(w, length_weight, fusion, null_weights=null)
+
+
+def test_ranker_file_round_trip_and_refusals(tmp_path):
+    import numpy as np
+
+    from cfic.attention import AttentionRanker
+    from cfic.errors import CficError, ModelLoadError
+    from cfic.models import adapter_settings
+
+    ranker = _ranker(2, 4, length_weight=0.5, fusion=2.0, calibrated=True)
+    ranker.save(tmp_path / "r.safetensors")
+    back = AttentionRanker.load(tmp_path / "r.safetensors")
+    assert back == ranker and back.calibrated and back.fusion == 2.0
+    assert ranker.with_fusion(1.0) != ranker
+    (tmp_path / "cfic.json").write_text('{"attention": {"file": "r.safetensors"}}')
+    assert adapter_settings(tmp_path)["attention"] == ranker
+    (tmp_path / "cfic.json").write_text('{"attention": {"file": "missing.safetensors"}}')
+    with pytest.raises(ModelLoadError):
+        adapter_settings(tmp_path)
+    with pytest.raises(CficError):
+        ranker.check(3, 4)
+    with pytest.raises(CficError):
+        AttentionRanker(np.zeros((3, 2, 4), dtype=np.float32), 0.0, 1.0)
+    with pytest.raises(CficError):
+        AttentionRanker(np.zeros((2, 2, 4), dtype=np.float32), 0.0, -1.0)
+
+
+@pytest.mark.numerics
+def test_fused_prior_never_exceeds_the_prior_and_follows_the_attention(tiny_loaded):
+    """The fused log prior is the prior plus fusion x a log-probability (<= 0): best-first reading's bound holds,
+    and the order inside the window moves toward what the ranker scores highest."""
+    from cfic.decoding.attention import SentenceAttention
+
+    s = 6
+    att = SentenceAttention(torch.rand(2, 3, s), torch.rand(2, 3, s), torch.tensor([5.0, 9, 3, 40, 7, 8]))
+    ranker = _ranker(2, 3, length_weight=4.0, fusion=50.0)
+    ranker = type(ranker)(ranker.weights * 0, 4.0, 50.0)  # the length term alone: the longest sentence wins
+    log_prior = torch.log_softmax(torch.tensor([3.0, 2.0, 1.0, 0.0, 0.5, 0.2, 2.5, 1.0]), 0)
+    fused = ranker.fused(log_prior, 1, att)
+    assert bool((fused <= log_prior + 1e-6).all())
+    assert torch.equal(fused[0], log_prior[0]) and torch.equal(fused[7], log_prior[7])  # outside the window
+    assert int(fused[1:7].argmax()) == 3  # sentence 4 of the document: 40 tokens
+    assert torch.allclose(ranker.log_probabilities(att).exp().sum(), torch.tensor(1.0))
+
+
+@pytest.mark.numerics
+def test_grounder_fuses_the_ranker_into_the_start_search(tiny_loaded):
+    """A ranker whose only term is each sentence's length, at a large fusion weight, makes the longest sentence
+    the best start; use_attention=False gives exactly the prior's evidence; spans stay verbatim."""
+    from cfic import GroundingConfig
+    from cfic.attention import AttentionRanker
+    from cfic.prior import PriorWeights
+
+    doc = ("Short one. " + "This sentence is much longer than every other sentence of this small document here. "
+           + "The Normans conquered England in 1066. Tiny. Another short line.")
+    layers, heads = 2, tiny_loaded.model.config.num_attention_heads
+    import numpy as np
+
+    ranker = AttentionRanker(np.zeros((2, layers, heads), dtype=np.float32), 20.0, 50.0)
+    base = GroundingConfig(prior=PriorWeights(10.0, 5.0, 1.0, 0.0), top_k=1)
+    plain = Grounder(tiny_loaded, base)
+    fused = Grounder(tiny_loaded, base.with_options(attention=ranker), sentence_prior=plain.sentence_prior)
+    q = "When did the Normans conquer England?"
+    a = plain.ground(q, [doc])
+    b = fused.ground(q, [doc])
+    c = fused.ground(q, [doc], use_attention=False)
+    sentences = fused.split(doc)
+    longest = max(range(len(sentences)), key=lambda i: len(sentences[i].text))
+    assert b.evidence and b.evidence[0].sentence_start == longest
+    assert a.evidence[0].sentence_start != longest  # the prior alone starts elsewhere: the fusion moved it
+    assert [(e.start_char, e.end_char) for e in c.evidence] == [(e.start_char, e.end_char) for e in a.evidence]
+    for e in (*a.evidence, *b.evidence):
+        assert e.text == doc[e.start_char:e.end_char]
+    # the attention alone: a log-probability per sentence, best at the longest
+    scores = fused.attention_log_probabilities(q, [doc])[0]
+    assert int(np.argmax(scores)) == longest and abs(float(np.exp(scores).sum()) - 1.0) < 1e-4
+    with pytest.raises(CficError):
+        plain.attention_log_probabilities(q, [doc])
+    with pytest.raises(CficError):
+        Grounder(tiny_loaded, base.with_options(attention=_ranker(3, heads)))
+
+
+def test_listwise_fit_finds_the_informative_head():
+    """Material where one head's attention marks the evidence: the fit weights that head most, and the
+    cross-validated fused ranking beats the prior alone."""
+    import numpy as np
+
+    from cfic.training.attention_data import AttentionItem
+    from cfic.training.fit_attention import _feature_mask, cross_validate, features, fit_weights
+
+    rng = np.random.default_rng(0)
+    items = []
+    for i in range(40):
+        s = 30
+        evidence = np.zeros(s, dtype=bool)
+        evidence[rng.integers(s)] = True
+        att = rng.uniform(0.001, 0.01, size=(2, 2, 3, s)).astype(np.float32)
+        att[0, 1, 2, evidence] = 0.2  # row 0, layer 1, head 2 looks at the evidence
+        log_prior = np.log(np.full(s, 1.0 / s, dtype=np.float32)) + rng.normal(0, 0.1, s).astype(np.float32)
+        items.append(AttentionItem("nq" if i % 2 else "squad", att, att * 0 + 0.01, np.full(s, 10, np.float32),
+                                   log_prior, evidence, evidence))
+    mask = _feature_mask((2, 2, 3), False, None)
+    w = fit_weights([features(it, False) for it in items], [it.evidence for it in items], 0.01, mask)
+    assert int(np.argmax(np.abs(w[:-1]))) == np.ravel_multi_index((0, 1, 2), (2, 2, 3))
+    hits = cross_validate(items, False, None, 1, l2_grid=(0.01,), fusion_grid=(0.0, 1.0))
+    assert np.mean(hits["fused/0.01/1.0"]) > np.mean(hits["fused/0.01/0.0"]) + 0.5
+    assert np.mean(hits["attention/0.01"]) > 0.9
+    # the SwiftKV mask gives the mean row no weight from that layer on
+    assert not _feature_mask((2, 2, 3), False, 1).reshape(-1)[:-1].reshape(2, 2, 3)[1, 1].any()
+
+
+# ---------------------------------------------------------------- the second hop
+
+
+@pytest.mark.numerics
+def test_second_hop_keeps_the_first_evidence_and_adds_spans_outside_it(tiny_loaded):
+    from cfic import GroundingConfig
+    from cfic.prior import PriorWeights
+
+    doc = ("Ed Wood was directed by Tim Burton. Tim Burton was born in Burbank, California. "
+           "The film won two Academy Awards. Burbank is a city in Los Angeles County. "
+           "Johnny Depp played the lead. The weather was mild that year.")
+    g = Grounder(tiny_loaded, GroundingConfig(prior=PriorWeights(10.0, 5.0, 1.0, 0.0), top_k=2, max_span_tokens=16,
+                                              max_sentence_tokens=16))
+    q = "Where was the director of Ed Wood born?"
+    one = g.ground(q, [doc])
+    two = g.ground(q, [doc], hops=2)
+    assert one.evidence and two.evidence
+    best = one.evidence[0]
+    assert (two.evidence[0].start_char, two.evidence[0].end_char) == (best.start_char, best.end_char)
+    assert len(two.evidence) == 2
+    a, b = sorted((e.sentence_start, e.sentence_end) for e in two.evidence)
+    assert a[1] <= b[0]  # no overlap
+    for e in two.evidence:
+        assert e.text == doc[e.start_char:e.end_char]
+    # the second hop's question is the question and the bridge, cut to fit
+    hop = g._hop_query(q, best.text, g.config)
+    assert hop.startswith(q) and len(hop) > len(q)
+    tight = g.config.with_options(max_query_tokens=len(g.tokenizer(q)["input_ids"]) + 4)
+    assert g._hop_query(q, best.text * 20, tight) == q
+    with pytest.raises(CficError):
+        GroundingConfig(hops=3)
