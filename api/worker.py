@@ -357,8 +357,11 @@ class ModelWorker:
             else:
                 missing[k] = doc
         reused = {k for k in keys if k in turn}
+        # Best-first reading (LM-free start search, several documents): the grounder reads only the documents that
+        # can hold the top evidence and hands each encoding it read to ``keep``; the others are never prefilled.
+        lazy = self.grounder.reads_best_first(len(job.documents), abstain=job.abstain)
         encode_ms = 0.0
-        if missing:
+        if missing and not lazy:
             t0 = time.perf_counter()
             encodings = self.grounder.encode(list(missing.values()), cancel=job.expired)
             encode_ms = (time.perf_counter() - t0) * 1000
@@ -367,11 +370,14 @@ class ModelWorker:
                 self.cache.put(k, enc)
         if job.expired():  # the prefill is cached for a retry; the grounding would be answered to nobody
             raise GroundingCancelled("the request timed out")
-        encodings = []
+        inputs: list[Any] = []
         cached_tokens = 0
         seen: set[tuple] = set()
         for i, (k, doc) in enumerate(zip(keys, job.documents, strict=True)):
-            enc = turn[k]
+            enc = turn.get(k)
+            if enc is None:  # best first: the grounder plans it, and reads it only if it needs it
+                inputs.append(doc)
+                continue
             # Document tokens this request did not prefill itself: reused ones, and repeats within the request.
             if k in reused or k in seen:
                 cached_tokens += enc.n_tokens
@@ -379,10 +385,20 @@ class ModelWorker:
             doc_id = doc.id if doc.id is not None else str(i)
             if enc.document_id != doc_id or enc.metadata != doc.metadata:
                 enc = replace(enc, document_id=doc_id, metadata=dict(doc.metadata))
-            encodings.append(enc)
-        result = self.grounder.ground(job.query, encodings, top_k=job.top_k,
+            inputs.append(enc)
+        read: list[int] = []
+
+        def keep(i: int, enc: Any) -> None:  # an encoding the grounder just read: cached at once (kept on cancel)
+            read.append(i)
+            turn[keys[i]] = enc
+            self.cache.put(keys[i], enc)
+
+        result = self.grounder.ground(job.query, inputs, top_k=job.top_k,
                                       max_span_tokens=job.max_span_tokens, threshold=job.threshold,
-                                      abstain=job.abstain, cancel=job.expired)
+                                      abstain=job.abstain, cancel=job.expired, on_read=keep if lazy else None)
+        if lazy:  # only the documents the grounder used count, as in ``input_tokens``
+            cached_tokens = result.usage.cached_tokens
+            encode_ms = result.usage.encode_ms if read else 0.0
         return JobOutcome(result, cached_tokens, encode_ms, (picked - job.enqueued) * 1000, job.retrieved)
 
     def _retrieve(self, job: GroundJob) -> tuple[list[Document], list[Retrieved]]:

@@ -33,6 +33,7 @@ from cfic.errors import CficError
 from cfic.files import read_safetensors
 
 RANKER_FILE = "attention_ranker.safetensors"
+ALONE_FILE = "attention_ranker_alone.safetensors"  # the ranking fitted without the prior (an evaluation row)
 # The content-free question a calibrated ranker compares with (ICR): what the heads look at whatever is asked.
 CONTENT_FREE_QUESTION = "N/A"
 

@@ -92,6 +92,7 @@ class GroundOptions(TypedDict, total=False):
     use_attention: bool
     abstain: bool | None
     cancel: Callable[[], bool] | None
+    on_read: Callable[[int, DocumentEncoding], None] | None
 
 
 class Grounder:
@@ -277,6 +278,7 @@ class Grounder:
         use_attention: bool = True,
         abstain: bool | None = None,
         cancel: Callable[[], bool] | None = None,
+        on_read: Callable[[int, DocumentEncoding], None] | None = None,
     ) -> list[GroundingResult]:
         """Many questions over the same documents: each document is encoded once."""
         if isinstance(queries, str):
@@ -305,6 +307,9 @@ class Grounder:
         if any(o is None for o in orders):  # some question needs every document: read them in one batched prefill
             fresh = {j for j, e in enumerate(encodings) if isinstance(e, DocumentPlan)}
             encodings = self._read(encodings, None, cancel=cancel)
+            if on_read is not None:
+                for j in sorted(fresh):
+                    on_read(j, encodings[j])
         setup_ms = (time.perf_counter() - t0) * 1000
         probe = cfg.abstention.probe if cfg.abstention is not None else None
         results = []
@@ -325,6 +330,9 @@ class Grounder:
                     encodings = self._read(encodings, new, cancel=cancel)
                     usage.encode_ms += (time.perf_counter() - t) * 1000
                     read_here |= new
+                    if on_read is not None:
+                        for j in sorted(new):
+                            on_read(j, encodings[j])
                 with torch.inference_mode():
                     found, p_end, logit = self._spans(ids, encodings, cfg, skip_decoding, usage, log_priors[qi],
                                                       set(batch), cancel, probe=probe)
@@ -386,6 +394,20 @@ class Grounder:
         vector = self.sentence_prior.query_vector(query)
         return SentencePrior.document_signals(query, vector, [e.features for e in planned])
 
+    def reads_best_first(self, n_documents: int, *, use_prior: bool = True, abstain: bool | None = None) -> bool:
+        """Whether ``ground`` over ``n_documents`` documents may leave some unread (see :meth:`_reading_order`)."""
+        cfg = self.config
+        acting = cfg.abstention is not None and (cfg.abstention.enabled if abstain is None else abstain)
+        return use_prior and self.sentence_prior is not None and not acting and self._can_read_best_first(
+            cfg, n_documents)
+
+    @staticmethod
+    def _can_read_best_first(cfg: GroundingConfig, n_documents: int) -> bool:
+        """Several documents and the LM-free start search (the attention ranker only lowers scores, so the prior's
+        bound holds with it)."""
+        return (n_documents >= 2 and cfg.prior is not None and cfg.prior.lm == 0.0
+                and not cfg.read_all_documents)
+
     @staticmethod
     def _reading_order(log_priors: list | None, cfg: GroundingConfig) -> list[int] | None:
         """With the LM-free start search (LM weight 0) the prior alone picks where evidence starts and scores every
@@ -395,8 +417,7 @@ class Grounder:
         ``max_prefix_tokens``, whose mass can exceed one sentence's); ``no_evidence_probability`` is computed over the
         documents read (a question that acts on it reads them all). None: read every
         document (one document, no prior, an LM-weighted search, or ``read_all_documents``)."""
-        if (log_priors is None or len(log_priors) < 2 or cfg.prior is None or cfg.prior.lm != 0.0
-                or cfg.read_all_documents):
+        if log_priors is None or not Grounder._can_read_best_first(cfg, len(log_priors)):
             return None
         best = [float(lp.max()) if len(lp) else -math.inf for lp in log_priors]
         return sorted(range(len(log_priors)), key=lambda d: (-best[d], d))

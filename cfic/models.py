@@ -11,10 +11,14 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from cfic.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from cfic.attention import AttentionRanker
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +108,22 @@ def adapter_settings(adapter: str | os.PathLike | None) -> dict[str, object]:
     except (ValueError, TypeError, KeyError) as exc:
         raise ModelLoadError(f"{path}: {exc}") from exc
     return out
+
+
+def adapter_attention_alone(adapter: str | os.PathLike | None) -> AttentionRanker | None:
+    """The attention ranker an adapter ships fitted *without* the prior (``cfic evaluate``'s ``attention`` row), or
+    None when it ships none."""
+    if adapter is None or not (Path(adapter) / ADAPTER_SETTINGS).is_file():
+        return None
+    try:
+        entry = json.loads((Path(adapter) / ADAPTER_SETTINGS).read_text()).get("attention") or {}
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ModelLoadError(f"unreadable adapter settings in {adapter}: {exc}") from exc
+    if not isinstance(entry, dict) or not entry.get("alone"):
+        return None
+    from cfic.attention import AttentionRanker
+
+    return AttentionRanker.load(Path(adapter) / str(entry["alone"]))
 
 
 def _merged_weights_id(base_print: str, adapter: Path) -> str:

@@ -111,6 +111,7 @@ class EvalContext:
         self._tokenizer = grounder.tokenizer if grounder is not None else None
         self._embedder = None
         self._zero_shot: Any = None
+        self._attention: Any = None
         self._sentences: dict[str, list[Sentence]] = {}
         self._vectors: dict[str, np.ndarray] = {}
 
@@ -139,6 +140,22 @@ class EvalContext:
             self._accel = Grounder(main.loaded, config, load_swiftkv(main.loaded, self.acceleration.get("swiftkv")),
                                    sentence_prior=main.sentence_prior)
         return self._accel
+
+    @property
+    def attention_grounder(self) -> Any:
+        """The main grounder with the attention ranker its adapter fitted without the prior (same encodings)."""
+        if self._attention is None:
+            from cfic.grounder import Grounder
+            from cfic.models import adapter_attention_alone
+
+            main = self.grounder
+            alone = adapter_attention_alone(main.loaded.adapter)
+            if alone is None:
+                raise CficError("the 'attention' method needs an attention ranker fitted alone (the adapter's "
+                                "attention_ranker_alone.safetensors, from cfic fit-attention)")
+            self._attention = Grounder(main.loaded, main.config.with_options(attention=alone), main.swiftkv,
+                                       sentence_prior=main.sentence_prior)
+        return self._attention
 
     @property
     def zero_shot_grounder(self) -> Any:
@@ -382,10 +399,8 @@ class AttentionMethod(Method):
         return ctx.grounder.encode(list(documents))
 
     def run(self, ctx: EvalContext, example: Example, state: Any, budget: Budget) -> MethodOutput:
-        if ctx.grounder.config.attention is None:
-            raise CficError("the 'attention' method needs an attention ranker (the adapter's, or cfic fit-attention)")
         units = _Units.of(ctx, example.documents)
-        scores = np.concatenate(ctx.grounder.attention_log_probabilities(example.question, state))
+        scores = np.concatenate(ctx.attention_grounder.attention_log_probabilities(example.question, state))
         picked = _top(scores, budget.sentences)
         return MethodOutput(units.spans(picked), sentences=len(picked))
 

@@ -96,7 +96,7 @@ def test_ranker_file_round_trip_and_refusals(tmp_path):
 
     from cfic.attention import AttentionRanker
     from cfic.errors import CficError, ModelLoadError
-    from cfic.models import adapter_settings
+    from cfic.models import adapter_attention_alone, adapter_settings
 
     ranker = _ranker(2, 4, length_weight=0.5, fusion=2.0, calibrated=True)
     ranker.save(tmp_path / "r.safetensors")
@@ -105,6 +105,11 @@ def test_ranker_file_round_trip_and_refusals(tmp_path):
     assert ranker.with_fusion(1.0) != ranker
     (tmp_path / "cfic.json").write_text('{"attention": {"file": "r.safetensors"}}')
     assert adapter_settings(tmp_path)["attention"] == ranker
+    assert adapter_attention_alone(tmp_path) is None
+    alone = _ranker(2, 4, seed=1)
+    alone.save(tmp_path / "alone.safetensors")
+    (tmp_path / "cfic.json").write_text('{"attention": {"file": "r.safetensors", "alone": "alone.safetensors"}}')
+    assert adapter_attention_alone(tmp_path) == alone and adapter_settings(tmp_path)["attention"] == ranker
     (tmp_path / "cfic.json").write_text('{"attention": {"file": "missing.safetensors"}}')
     with pytest.raises(ModelLoadError):
         adapter_settings(tmp_path)
@@ -196,6 +201,9 @@ def test_listwise_fit_finds_the_informative_head():
     hits = cross_validate(items, False, None, 1, l2_grid=(0.01,), fusion_grid=(0.0, 1.0))
     assert np.mean(hits["fused/0.01/1.0"]) > np.mean(hits["fused/0.01/0.0"]) + 0.5
     assert np.mean(hits["attention/0.01"]) > 0.9
+    # fitted on top of the prior (residual), the fused ranking finds the evidence too
+    residual = cross_validate(items, False, None, 1, l2_grid=(0.01,), fusion_grid=(0.0, 1.0), residual=True)
+    assert np.mean(residual["fused/0.01/1.0"]) > np.mean(residual["fused/0.01/0.0"]) + 0.5
     # the SwiftKV mask gives the mean row no weight from that layer on
     assert not _feature_mask((2, 2, 3), False, 1).reshape(-1)[:-1].reshape(2, 2, 3)[1, 1].any()
 
