@@ -55,6 +55,9 @@ class GroundingConfig:
     ``hops``: 2 searches a second time with the first hop's best span appended to the question (one more question
     pass over the cached encodings, no new prefill) and returns that span followed by the second hop's best spans
     outside it: a multi-hop question's bridge sentence, then what the bridge points to. Needs a ``prior``.
+    ``score_end_margin``: None (default) ends spans by skip decoding (the teacher-forced reference); a number ends
+    them without a forward pass, taking following sentences while their search score (prior + attention) stays
+    within this margin of the start's (:func:`cfic.decoding.skip.score_span_end`). Needs a ``prior``.
 
     Acceleration (all off by default; ``cfic bench`` measures each against the full model):
     ``swiftkv_layer``: SwiftKV SingleInputKV from this layer on — the K/V of layers ``>= swiftkv_layer`` come from
@@ -92,12 +95,16 @@ class GroundingConfig:
     abstention: Abstention | None = None
     attention: AttentionRanker | None = None
     hops: int = 1
+    score_end_margin: float | None = None
 
     def __post_init__(self) -> None:
         positive = ("top_k", "max_span_tokens", "max_sentence_tokens", "max_query_tokens", "max_prefix_tokens",
                     "encode_batch_tokens", "hops")
         for name in positive:
             require_positive_int(name, getattr(self, name))
+        if self.score_end_margin is not None and (isinstance(self.score_end_margin, bool) or not isinstance(
+                self.score_end_margin, (int, float)) or not 0.0 <= self.score_end_margin < float("inf")):
+            raise CficError(f"score_end_margin must be a number >= 0 or None, got {self.score_end_margin!r}")
         if self.hops > 2:
             raise CficError(f"hops must be 1 or 2, got {self.hops!r}")
         if self.max_sentence_tokens > self.max_span_tokens:

@@ -27,7 +27,14 @@ from cfic.decoding.encode import (
 from cfic.decoding.layerskip import FFNSkip, LayerSkip
 from cfic.decoding.prefix import Prefix, SearchPrior, constrained_prefix_search, end_probability, rank
 from cfic.decoding.runner import LayerRunner
-from cfic.decoding.skip import SpanEnd, SpanSearch, candidates, greedy_span_end, skip_decode_span_end
+from cfic.decoding.skip import (
+    SpanEnd,
+    SpanSearch,
+    candidates,
+    greedy_span_end,
+    score_span_end,
+    skip_decode_span_end,
+)
 from cfic.decoding.swiftkv import SwiftKV, configure_swiftkv, load_swiftkv
 from cfic.documents import as_document
 from cfic.errors import CficError, GroundingCancelled
@@ -85,6 +92,7 @@ class GroundOptions(TypedDict, total=False):
 
     top_k: int | None
     hops: int | None
+    score_end_margin: float | None
     max_span_tokens: int | None
     threshold: float | None
     skip_decoding: bool
@@ -273,6 +281,7 @@ class Grounder:
         max_span_tokens: int | None = None,
         threshold: float | None = None,
         hops: int | None = None,
+        score_end_margin: float | None = None,
         skip_decoding: bool = True,
         use_prior: bool = True,
         use_attention: bool = True,
@@ -285,7 +294,7 @@ class Grounder:
             raise CficError("queries must be a list of strings")
         cfg = self.config.with_options(
             **{k: v for k, v in {"top_k": top_k, "max_span_tokens": max_span_tokens, "threshold": threshold,
-                                 "hops": hops}.items() if v is not None}
+                                 "hops": hops, "score_end_margin": score_end_margin}.items() if v is not None}
         )
         if not use_attention and cfg.attention is not None:
             cfg = cfg.with_options(attention=None)
@@ -490,11 +499,11 @@ class Grounder:
                 starts = candidates(prefixes[: cfg.top_k])
                 search = SpanSearch(enc.answer_ids, enc.segment_ids, window.last, cfg.max_span_tokens,
                                     self.template.eos_ids, shared, layer_skip)
-                ends: list[SpanEnd] = find_end(self.runner, cache, starts, search)
+                ends: list[SpanEnd] = self._span_ends(starts, cache, search, window_prior, cfg, find_end)
                 more = _uncovered(candidates(prefixes[cfg.top_k:]), ends, cfg.top_k) if refill else []
                 if more:
                     starts += more
-                    ends += find_end(self.runner, cache, more, search)
+                    ends += self._span_ends(more, cache, search, window_prior, cfg, find_end)
                 usage.prefix_ms += (t1 - t0) * 1000
                 usage.skip_ms += (time.perf_counter() - t1) * 1000
                 for (prefix, _), end in zip(starts, ends, strict=True):
@@ -502,6 +511,14 @@ class Grounder:
                                            end.end_probability))
             spans.extend(_merge_overlapping(doc_spans))
         return spans, p_end_first, probe_logit
+
+    def _span_ends(self, starts: list[tuple[Prefix, int]], cache: Any, search: SpanSearch,
+                   window_prior: SearchPrior | None, cfg: GroundingConfig, find_end: Callable[..., list[SpanEnd]]
+                   ) -> list[SpanEnd]:
+        """Skip decoding (or the greedy ablation) — or, with ``score_end_margin``, the search's own scores."""
+        if cfg.score_end_margin is not None and window_prior is not None:
+            return score_span_end(starts, search, window_prior.log_prior, cfg.score_end_margin)
+        return find_end(self.runner, cache, starts, search)
 
     def _second_hop(self, query: str, spans: list[_Span], encodings: list[DocumentEncoding], used: list[int],
                     cfg: GroundingConfig, skip_decoding: bool, usage: Usage,

@@ -110,16 +110,22 @@ def adapter_settings(adapter: str | os.PathLike | None) -> dict[str, object]:
     return out
 
 
-def adapter_attention_alone(adapter: str | os.PathLike | None) -> AttentionRanker | None:
-    """The attention ranker an adapter ships fitted *without* the prior (``cfic evaluate``'s ``attention`` row), or
-    None when it ships none."""
+def adapter_attention_entry(adapter: str | os.PathLike | None) -> dict:
+    """The ``attention`` entry of an adapter's ``cfic.json`` (``cfic fit-attention``'s), or an empty dict."""
     if adapter is None or not (Path(adapter) / ADAPTER_SETTINGS).is_file():
-        return None
+        return {}
     try:
         entry = json.loads((Path(adapter) / ADAPTER_SETTINGS).read_text()).get("attention") or {}
     except (OSError, ValueError, AttributeError) as exc:
         raise ModelLoadError(f"unreadable adapter settings in {adapter}: {exc}") from exc
-    if not isinstance(entry, dict) or not entry.get("alone"):
+    return entry if isinstance(entry, dict) else {}
+
+
+def adapter_attention_alone(adapter: str | os.PathLike | None) -> AttentionRanker | None:
+    """The attention ranker an adapter ships fitted *without* the prior (``cfic evaluate``'s ``attention`` row), or
+    None when it ships none."""
+    entry = adapter_attention_entry(adapter)
+    if not entry.get("alone"):
         return None
     from cfic.attention import AttentionRanker
 

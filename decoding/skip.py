@@ -108,6 +108,30 @@ def skip_decode_span_end(runner: LayerRunner, cache: KVCache, starts: Sequence[t
     return out
 
 
+def score_span_end(starts: Sequence[tuple[Prefix, int]], search: SpanSearch, log_scores: torch.Tensor,
+                   margin: float) -> list[SpanEnd]:
+    """The span end without a forward pass: from its start sentence the span takes the following sentences (inside
+    the window and the budget) while each scores within ``margin`` of the start by ``log_scores`` — the search's own
+    per-sentence log scores (the prior fused with the question pass's attention), indexed by document sentence.
+    ``end_probabilities`` are the sentences' scores relative to the start, ``exp(min(0, score - start score))``: a
+    stand-in for P(end), which this path never computes. Why: the teacher-forced pass is ~80% of a warm question;
+    this costs nothing, and ``cfic evaluate`` compares the two (``cfic-score-end``)."""
+    out = []
+    for _, start in starts:
+        top = float(log_scores[start])
+        used, end, rel = len(search.answer_ids[start]), start + 1, [1.0]
+        while end < search.last_sentence:
+            seg = len(search.segment_ids[end])
+            score = float(log_scores[end])
+            if used + seg > search.budget or score < top - margin:
+                break
+            used += seg
+            rel.append(float(torch.tensor(min(0.0, score - top)).exp()))
+            end += 1
+        out.append(SpanEnd(start, end, tuple(rel)))
+    return out
+
+
 def greedy_span_end(runner: LayerRunner, cache: KVCache, starts: Sequence[tuple[Prefix, int]],
                     search: SpanSearch) -> list[SpanEnd]:
     """The path Skip Decoding replaces: decode token by token under the document constraint (the only allowed

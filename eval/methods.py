@@ -12,6 +12,8 @@ Each method turns (question, documents) into evidence :class:`~cfic.eval.metrics
 * ``attention`` — the attention ranker alone (the LM's question pass over cfic's encoding, no prior): the top
   sentences by its log-probability. ``cfic-no-attention`` — cfic with the start search ranked by the prior alone
   (the attention ranker off): with ``prior`` and ``attention``, what the fusion adds over each part.
+* ``cfic-score-end`` — cfic with spans ended by the search's own scores (``score_end_margin`` from the adapter's
+  fit), no teacher-forced pass: the cheap span end next to skip decoding, on the same encodings.
 * ``cfic-hop2`` — cfic with a second hop (``hops=2``: search again with the first evidence in the question, on the
   same encodings) — for multi-hop questions.
 * ``cfic-zero-shot`` — the pure-LM pipeline on the same model without the CFIC adapter and its fitted settings
@@ -58,6 +60,7 @@ METHOD_NAMES = ("cfic", "cfic-lm-only", "cfic-no-skip", "cfic-zero-shot", "prior
 # Not among the defaults (they need an attention ranker, which only some adapters bring): the fusion's two parts.
 ATTENTION_METHODS = ("attention", "cfic-no-attention")
 HOP_METHOD = "cfic-hop2"
+SCORE_END_METHOD = "cfic-score-end"
 # Not among the defaults: the main cfic grounder with acceleration options (``cfic evaluate --swiftkv ...``), its own
 # row next to ``cfic`` so that the recall an acceleration costs gets a paired interval in one run.
 ACCEL_METHOD = "cfic-accel"
@@ -140,6 +143,16 @@ class EvalContext:
             self._accel = Grounder(main.loaded, config, load_swiftkv(main.loaded, self.acceleration.get("swiftkv")),
                                    sentence_prior=main.sentence_prior)
         return self._accel
+
+    @property
+    def score_end_margin(self) -> float:
+        """The score span end's margin fitted with the adapter (``cfic fit-attention``)."""
+        from cfic.models import adapter_attention_entry
+
+        margin = adapter_attention_entry(self.grounder.loaded.adapter).get("score_end_margin")
+        if not isinstance(margin, (int, float)):
+            raise CficError(f"{SCORE_END_METHOD} needs the adapter's fitted score_end_margin (cfic fit-attention)")
+        return float(margin)
 
     @property
     def attention_grounder(self) -> Any:
@@ -253,13 +266,14 @@ class CficMethod(Method):
 
     def __init__(self, name: str, skip_decoding: bool, threshold: float | None = None,
                  use_prior: bool = True, max_span_tokens: int | None = None, use_attention: bool = True,
-                 hops: int | None = None) -> None:
+                 hops: int | None = None, score_end: bool = False) -> None:
         self.name = name
         self.skip_decoding = skip_decoding
         self.threshold = threshold
         self.use_prior = use_prior
         self.use_attention = use_attention
         self.hops = hops  # per call (None: the configuration's)
+        self.score_end = score_end  # end spans by the search's scores, at the adapter's fitted margin
         self.max_span_tokens = max_span_tokens  # per call (None: the configuration's); same encodings as cfic
 
     def grounder(self, ctx: EvalContext) -> Any:
@@ -273,7 +287,8 @@ class CficMethod(Method):
         result = grounder.ground(example.question, state, skip_decoding=self.skip_decoding,
                                  threshold=self.threshold, use_prior=self.use_prior, abstain=False,
                                  max_span_tokens=self.max_span_tokens, use_attention=self.use_attention,
-                                 hops=self.hops)
+                                 hops=self.hops,
+                                 score_end_margin=ctx.score_end_margin if self.score_end else None)
         spans = [Span(e.document_index, e.start_char, e.end_char, e.text) for e in result.evidence]
         chosen = {(e.document_index, i) for e in result.evidence
                   for i in range(e.sentence_start, e.sentence_end)}
@@ -516,6 +531,7 @@ def make_methods(names: Sequence[str], *, generate_max_tokens: int = GENERATE_MA
         "cfic-no-skip": lambda: CficMethod("cfic-no-skip", False, threshold),
         "cfic-no-attention": lambda: CficMethod("cfic-no-attention", True, threshold, use_attention=False),
         HOP_METHOD: lambda: CficMethod(HOP_METHOD, True, threshold, hops=2),
+        SCORE_END_METHOD: lambda: CficMethod(SCORE_END_METHOD, True, threshold, score_end=True),
         "prior": PriorMethod,
         "attention": AttentionMethod,
         "cfic-zero-shot": lambda: ZeroShotCficMethod(threshold),
@@ -538,7 +554,7 @@ def make_methods(names: Sequence[str], *, generate_max_tokens: int = GENERATE_MA
     return out
 
 
-_ALL = (*METHOD_NAMES, *ATTENTION_METHODS, HOP_METHOD, ACCEL_METHOD)
+_ALL = (*METHOD_NAMES, *ATTENTION_METHODS, HOP_METHOD, SCORE_END_METHOD, ACCEL_METHOD)
 
 
 def span_budget_of(name: str) -> int | None:

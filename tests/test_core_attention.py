@@ -239,3 +239,46 @@ def test_second_hop_keeps_the_first_evidence_and_adds_spans_outside_it(tiny_load
     assert g._hop_query(q, best.text * 20, tight) == q
     with pytest.raises(CficError):
         GroundingConfig(hops=3)
+
+
+# ---------------------------------------------------------------- the span end from the search's scores
+
+
+def test_score_span_end_takes_sentences_within_the_margin_and_the_budget():
+    from cfic.decoding.prefix import Prefix
+    from cfic.decoding.skip import SpanSearch, score_span_end
+
+    answer = [(1, 2, 3)] * 6
+    segments = [(1, 2, 3, 4)] * 6  # 4 tokens each
+    scores = torch.tensor([-1.0, -1.5, -1.2, -5.0, -1.0, -1.1])
+    search = SpanSearch(answer, segments, 6, 12, (0,), 0)
+    p = Prefix(0, (), 0.0, ())
+    # start 0: sentence 1 (-1.5) and 2 (-1.2) lie within 1.0 of -1.0; 3 (-5.0) does not
+    assert [(e.start, e.end) for e in score_span_end([(p, 0)], search, scores, 1.0)] == [(0, 3)]
+    assert [(e.start, e.end) for e in score_span_end([(p, 0)], search, scores, 0.1)] == [(0, 1)]
+    # the budget (12 tokens: the start's 3 + two segments of 4) stops it before the margin would
+    assert [(e.start, e.end) for e in score_span_end([(p, 4)], search, scores, 100.0)] == [(4, 6)]
+    assert [(e.start, e.end) for e in score_span_end([(p, 0)], search, scores, 100.0)] == [(0, 3)]
+    end = score_span_end([(p, 0)], search, scores, 1.0)[0]
+    assert end.end_probabilities[0] == 1.0 and all(0 < x <= 1 for x in end.end_probabilities)
+
+
+@pytest.mark.numerics
+def test_grounder_ends_spans_by_scores_without_a_forward_pass(tiny_loaded):
+    from cfic import GroundingConfig
+    from cfic.prior import PriorWeights
+
+    doc = ("The Normans came from Normandy. They conquered England in 1066. Rollo was their first ruler. "
+           "The Rhine flows north. Paris is in France.")
+    g = Grounder(tiny_loaded, GroundingConfig(prior=PriorWeights(10.0, 5.0, 1.0, 0.0), top_k=1))
+    q = "When did the Normans conquer England?"
+    tight = g.ground(q, [doc], score_end_margin=0.0)
+    wide = g.ground(q, [doc], score_end_margin=1e6)
+    ref = g.ground(q, [doc])
+    assert tight.evidence[0].sentence_start == wide.evidence[0].sentence_start == ref.evidence[0].sentence_start
+    assert tight.evidence[0].sentence_end <= wide.evidence[0].sentence_end
+    assert wide.evidence[0].sentence_end == len(g.split(doc))  # the budget is large: every following sentence
+    for e in (*tight.evidence, *wide.evidence):
+        assert e.text == doc[e.start_char:e.end_char]
+    with pytest.raises(CficError):
+        GroundingConfig(score_end_margin=-1.0)

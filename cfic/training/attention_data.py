@@ -87,7 +87,8 @@ def collect(folder: str | Path, examples: list[tuple[str, Any]], grounder: Any, 
     cached: tuple[str, Any, np.ndarray] | None = None
     for i, (source, ex) in enumerate(tqdm(examples, desc="attention material", unit="q", disable=not progress)):
         path = folder / f"{i:05d}.npz"
-        if path.exists():
+        skipped = path.with_suffix(".skip")  # a question without evidence sentences: nothing to learn from
+        if path.exists() or skipped.exists():
             continue
         key = ex.doc_key or ex.id
         if cached is None or cached[0] != key:
@@ -96,6 +97,7 @@ def collect(folder: str | Path, examples: list[tuple[str, Any]], grounder: Any, 
         _, enc, null = cached
         evidence, answer = _labels(enc, ex)
         if not evidence.any():
+            skipped.touch()
             continue
         signals = grounder._signals(ex.question, [enc])
         log_prior = SentencePrior.log_priors(signals, grounder.config.prior)[0]

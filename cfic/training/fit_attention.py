@@ -30,6 +30,7 @@ from cfic.training.attention_data import AttentionItem
 FUSION_GRID = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
 RESIDUAL_FUSION_GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)
 L2_GRID = (3e-3, 1e-2, 3e-2, 1e-1)
+SCORE_END_MARGINS = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 FOLDS = 5
 EPS = 1e-4
 
@@ -194,6 +195,8 @@ def fit_attention(material: str | Path = "runs/attention", n_nq: int = 200, n_ho
 
     fused = refit(fused_key, float(fused_key.split("/")[-1]))
     alone = refit(alone_key, 1.0)
+    margins = score_end_study(items, fused, k, grounder.config.max_span_tokens)
+    margin = max(margins, key=lambda m: (margins[m]["f1"], -float(m)))
     report = {
         "chosen": {"fused": fused_key, "alone": alone_key},
         "cross_validated": {"folds": FOLDS, "k": k, "objective": "top-k hit of an answer-bearing sentence, mean over "
@@ -201,6 +204,9 @@ def fit_attention(material: str | Path = "runs/attention", n_nq: int = 200, n_ho
                             "fused_minus_prior_alone": {"difference": diff, "low": low, "high": high},
                             "prior_alone": table[prior_key], "attention_alone": table[alone_key],
                             "fused": table[fused_key]},
+        "score_end": {"chosen_margin": float(margin), "by_margin": margins,
+                      "note": "in-sample (the fused ranker saw these questions); spans from the top-k fused "
+                              "sentences, sentence F1 against the evidence labels, mean over sources"},
         "items": {s: sources.count(s) for s in sorted(set(sources))},
         "swiftkv_layer": sw,
         "source": "training splits only: nq train (after fit-prior's questions), hotpotqa train, squad train article "
@@ -212,5 +218,39 @@ def fit_attention(material: str | Path = "runs/attention", n_nq: int = 200, n_ho
     alone.save(target_dir / ALONE_FILE, {"source": report["source"], "fit": alone_key})
     settings_path = Path(out) if out else folder / ADAPTER_SETTINGS
     update_settings(settings_path, lambda s: s.update(
-        {"attention": {"file": RANKER_FILE, "alone": ALONE_FILE, "fit": report}}))
+        {"attention": {"file": RANKER_FILE, "alone": ALONE_FILE, "score_end_margin": float(margin), "fit": report}}))
     return report
+
+
+def fused_scores(item: AttentionItem, ranker: AttentionRanker) -> np.ndarray:
+    """The search's per-sentence scores for one item: log prior + fusion x the ranker's log-probability."""
+    flat = np.concatenate([ranker.weights.ravel(), *([ranker.null_weights.ravel()] if ranker.calibrated else []),
+                           [ranker.length_weight]]).astype(np.float32)
+    return item.log_prior + ranker.fusion * _log_softmax(features(item, ranker.calibrated, ranker.eps) @ flat)
+
+
+def score_end_study(items: Sequence[AttentionItem], ranker: AttentionRanker, k: int, budget: int,
+                    margins: Sequence[float] = SCORE_END_MARGINS) -> dict[str, dict[str, float]]:
+    """For each margin of :func:`cfic.decoding.skip.score_span_end`: sentence F1 against the evidence labels, answer
+    hit and sentences returned, with spans from the top-``k`` fused sentences (merged when they overlap)."""
+    out = {}
+    for m in margins:
+        rows: dict[str, list[tuple[float, float, float]]] = {}
+        for it in items:
+            f = fused_scores(it, ranker)
+            chosen = np.zeros(len(f), dtype=bool)
+            for s in np.argsort(-f, kind="stable")[:k]:
+                used, end = it.tokens[s], s + 1
+                while end < len(f) and used + it.tokens[end] <= budget and f[end] >= f[s] - m:
+                    used += it.tokens[end]
+                    end += 1
+                chosen[s:end] = True
+            tp = float((chosen & it.evidence).sum())
+            f1 = 2 * tp / (chosen.sum() + it.evidence.sum()) if tp else 0.0
+            target = it.answer if it.answer.any() else it.evidence
+            rows.setdefault(it.source, []).append((f1, float((chosen & target).any()), float(chosen.sum())))
+        means = {src: np.mean(np.array(v), axis=0) for src, v in rows.items()}
+        out[str(m)] = {"f1": float(np.mean([v[0] for v in means.values()])),
+                       "answer_hit": float(np.mean([v[1] for v in means.values()])),
+                       "sentences": float(np.mean([v[2] for v in means.values()]))}
+    return out
