@@ -12,9 +12,9 @@ masses for a content-free question calibrate away what the heads look at whateve
 fitted listwise on training splits only (``cfic fit-attention``) and ship with the adapter whose weights produced
 the attention (``cfic/data/adapter/attention_ranker.safetensors``), like the prior's weights and the probe.
 
-Fusion: the search ranks a sentence by ``log prior + fusion * attention log-probability``. The attention term is at
-most 0, so a document's fused scores never exceed its prior masses, and best-first reading's stopping bound (the
-prior mass of the best sentence of an unread document) still holds.
+Fusion: the search ranks a sentence by ``log prior + fusion * (attention log-probability - the window's best)``.
+The attention term is at most 0, so a document's fused scores never exceed its prior masses, and best-first
+reading's stopping bound (the prior mass of the best sentence of an unread document) still holds.
 """
 
 from __future__ import annotations
@@ -108,11 +108,14 @@ class AttentionRanker:
 
     def fused(self, log_prior: torch.Tensor, first: int, attention: SentenceAttention,
               null: SentenceAttention | None = None) -> torch.Tensor:
-        """A document's log prior with the window's sentences ``[first, first + n)`` raised or lowered by the
-        attention log-probability (a copy; other sentences keep their prior)."""
+        """A document's log prior with the window's sentences ``[first, first + n)`` lowered by ``fusion`` times
+        how far each one's attention log-probability lies below the window's best (a copy; other sentences keep
+        their prior). Measured from the best rather than as a log-probability, so a window's many sentences do not
+        lower all of them (documents of different lengths stay comparable) and the ranking inside it is the same."""
         out = log_prior.clone()
         n = attention.num_sentences
-        out[first: first + n] += self.fusion * self.log_probabilities(attention, null)
+        lp = self.log_probabilities(attention, null)
+        out[first: first + n] += self.fusion * (lp - lp.max())
         return out
 
     def save(self, path: str | os.PathLike, info: dict[str, str] | None = None) -> None:

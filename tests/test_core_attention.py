@@ -136,6 +136,7 @@ def test_fused_prior_never_exceeds_the_prior_and_follows_the_attention(tiny_load
     assert bool((fused <= log_prior + 1e-6).all())
     assert torch.equal(fused[0], log_prior[0]) and torch.equal(fused[7], log_prior[7])  # outside the window
     assert int(fused[1:7].argmax()) == 3  # sentence 4 of the document: 40 tokens
+    assert torch.equal(fused[4], log_prior[4])  # the window's best by attention keeps its prior mass
     assert torch.allclose(ranker.log_probabilities(att).exp().sum(), torch.tensor(1.0))
 
 
