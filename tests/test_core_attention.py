@@ -34,13 +34,19 @@ def _reference(loaded, ids: list[int], bounds: list[int], n_question: int) -> tu
     return torch.stack(last), torch.stack(mean)
 
 
-@pytest.mark.numerics
-def test_sentence_attention_matches_the_models_own_attention_weights(tiny_loaded):
+def _one_window(tiny_loaded):
+    """A grounder, DOC's encoding, its one window, the window's segment lengths and QUESTION's ids."""
     grounder = Grounder(tiny_loaded)
     enc = grounder.encode([DOC])[0]
     window = enc.windows[0]
     lengths = [len(enc.segment_ids[s]) for s in range(window.first, window.last)]
     query_ids = grounder.template.query_ids(grounder.tokenizer, QUESTION, grounder.config.max_query_tokens)
+    return grounder, enc, window, lengths, query_ids
+
+
+@pytest.mark.numerics
+def test_sentence_attention_matches_the_models_own_attention_weights(tiny_loaded):
+    grounder, enc, window, lengths, query_ids = _one_window(tiny_loaded)
     with torch.inference_mode():
         plain = question_pass(grounder.runner, window, query_ids, 8)
         tapped = question_pass(grounder.runner, window, query_ids, 8, segment_lengths=lengths)
@@ -64,11 +70,7 @@ def test_sentence_attention_matches_the_models_own_attention_weights(tiny_loaded
 @pytest.mark.numerics
 def test_sentence_attention_with_the_probe_split_is_the_same(tiny_loaded):
     """The answerability probe splits the question pass at a middle layer; the tap still sees every layer."""
-    grounder = Grounder(tiny_loaded)
-    enc = grounder.encode([DOC])[0]
-    window = enc.windows[0]
-    lengths = [len(enc.segment_ids[s]) for s in range(window.first, window.last)]
-    query_ids = grounder.template.query_ids(grounder.tokenizer, QUESTION, grounder.config.max_query_tokens)
+    grounder, _, window, lengths, query_ids = _one_window(tiny_loaded)
     with torch.inference_mode():
         whole = question_pass(grounder.runner, window, query_ids, 8, segment_lengths=lengths).attention
         split = question_pass(grounder.runner, window, query_ids, 8, tap_layer=1, segment_lengths=lengths).attention
