@@ -69,15 +69,17 @@ class SentenceAttentionTap:
         out = self.inner.run(runner, index, state)
         assert cache is not None, "the question pass always has a cache"
         slot = cache.slot(index)
-        keys = cache.keys[slot][:, :, : cache.length + cache.pending]
-        groups = query.shape[1] // keys.shape[1]
-        if groups > 1:
-            keys = keys.repeat_interleave(groups, dim=1)
+        keys = cache.keys[slot][0, :, : cache.length + cache.pending].float()  # [kv_heads, keys, head_dim]
+        heads, rows = query.shape[1], query.shape[2]
+        kv_heads = keys.shape[0]
         scale = getattr(runner.layers[index].self_attn, "scaling", query.shape[-1] ** -0.5)
-        scores = (query.float() @ keys.float().transpose(-1, -2)) * scale  # [1, heads, rows, keys]
+        # Grouped query attention without copying the keys per head: head h reads kv head h // (heads / kv_heads),
+        # so each kv head's query heads are stacked as rows of one matrix product.
+        grouped = query[0].float().reshape(kv_heads, heads // kv_heads * rows, -1)
+        scores = (grouped @ keys.transpose(-1, -2)).view(heads, rows, -1) * scale  # [heads, rows, keys]
         if mask is not None:
-            scores = scores.masked_fill(~mask[:, :, : scores.shape[2], : scores.shape[3]], float("-inf"))
-        probs = torch.softmax(scores, dim=-1)[0]  # [heads, rows, keys]
+            scores = scores.masked_fill(~mask[0, :, :rows, : scores.shape[-1]], float("-inf"))
+        probs = torch.softmax(scores, dim=-1)  # [heads, rows, keys]
         cumulative = torch.nn.functional.pad(probs.cumsum(-1), (1, 0))
         per_sentence = cumulative[..., self.bounds[1:]] - cumulative[..., self.bounds[:-1]]  # [heads, rows, S]
         self._last.append(per_sentence[:, -1])

@@ -18,6 +18,30 @@ def _time_grounder(grounder, docs: list[str], questions: list[str], timings: Tim
             timings.warm(grounder, q, encoding)
 
 
+def _time_prior(grounder: Any, docs: list[str], questions: list[str], out: dict[str, list[float]]) -> None:
+    """The ``prior`` row's work (no LM): cold = plan the document (split, tokens, sentence embeddings) and rank its
+    sentences for one question; warm = rank them for a question on the stored plan."""
+    import time
+
+    import numpy as np
+
+    from cfic.prior import SentencePrior
+
+    def rank(question: str, plans: list) -> None:
+        signals = grounder._signals(question, plans)
+        np.argsort(-np.concatenate(SentencePrior.log_priors(signals, grounder.config.prior)))
+
+    for d, doc in enumerate(docs):
+        t = time.perf_counter()
+        plans = grounder.plan([doc])
+        rank(questions[d % len(questions)], plans)
+        out["cold"].append((time.perf_counter() - t) * 1000)
+        for q in questions:
+            t = time.perf_counter()
+            rank(q, plans)
+            out["warm"].append((time.perf_counter() - t) * 1000)
+
+
 def summary(timings: Timings) -> dict[str, float]:
     """Medians of one configuration's measurements."""
     med = statistics.median
@@ -80,15 +104,33 @@ def run_core_bench(model: str | None, doc_tokens: int, n_docs: int, n_questions:
         prior = replace(first.config.prior, lm=w)
         grounders[f"{dtypes[0]}, lm {w:g}"] = Grounder(first.loaded, first.config.with_options(prior=prior),
                                                         first.swiftkv)
+    if first.config.attention is not None:  # what the attention ranker and the score span end cost, side by side
+        from cfic.models import adapter_attention_entry
+
+        grounders[f"{dtypes[0]}, no attention"] = Grounder(first.loaded, first.config.with_options(attention=None),
+                                                           first.swiftkv, sentence_prior=first.sentence_prior)
+        margin = adapter_attention_entry(first.loaded.adapter).get("score_end_margin")
+        if isinstance(margin, (int, float)):
+            grounders[f"{dtypes[0]}, score end"] = Grounder(
+                first.loaded, first.config.with_options(score_end_margin=float(margin)), first.swiftkv,
+                sentence_prior=first.sentence_prior)
     report |= {"model": first.model_name, "adapter": first.loaded.adapter}
     docs = bench_documents(first.tokenizer, doc_tokens, n_docs)
     report["actual_doc_tokens"] = statistics.mean(e.n_tokens for e in first.encode(docs))
     questions = QUESTIONS[:n_questions]
     timings = {name: Timings() for name in grounders}
+    prior_ms: dict[str, list[float]] = {"cold": [], "warm": []}
     for _ in range(rounds):  # interleaved: every round runs every configuration once
         for name, g in grounders.items():
             _time_grounder(g, docs, questions, timings[name])
+        if first.config.prior is not None:
+            _time_prior(first, docs, questions, prior_ms)
     report["configs"] = {name: summary(timings[name]) for name in grounders}
+    if prior_ms["warm"]:
+        p = {k: statistics.median(v) for k, v in prior_ms.items()}
+        shipped = report["configs"][dtypes[0]]["warm_ms"]
+        report["prior"] = {"cold_ms": p["cold"], "warm_ms": p["warm"], "shipped_warm_over_prior_cold": shipped
+                           / p["cold"], "shipped_warm_over_prior_warm": shipped / p["warm"]}
     report["shipped_lm_weight"] = first.config.prior.lm if first.config.prior is not None else None
     if len(dtypes) == 2:
         a, b = dtypes
@@ -141,6 +183,15 @@ def print_core_report(report: dict[str, Any]) -> None:
     for name, c in report.get("lm_weight_comparison", {}).items():
         console.print(f"{name}: warm {c['warm_ratio']:.2f}x the shipped configuration's (LM weight "
                       f"{report['shipped_lm_weight']:g}); same evidence on {c['same_evidence_rate']:.0%} of queries")
+    base = report["configs"].get(next(iter(report["configs"])), {})
+    for name, c in report["configs"].items():
+        if name.endswith((", no attention", ", score end")):
+            console.print(f"{name}: warm {c['warm_ms'] / base['warm_ms']:.2f}x the shipped configuration's")
+    if "prior" in report:
+        p = report["prior"]
+        console.print(f"prior alone (no LM): cold {p['cold_ms']:.0f} ms, warm {p['warm_ms']:.1f} ms; a shipped warm "
+                      f"question = {p['shipped_warm_over_prior_cold']:.2f}x the prior's cold question, "
+                      f"{p['shipped_warm_over_prior_warm']:.0f}x its warm one")
     if "model_load" in report:
         m = report["model_load"]
         console.print(f"model load: first use {m['cold_s']:.1f} s (GGUF conversion), cached {m['cached_s']:.2f} s "
