@@ -57,7 +57,8 @@ class AttentionRanker:
         if self.null_weights is not None and self.null_weights.shape != self.weights.shape:
             raise CficError("attention ranker null weights disagree in shape with its weights")
         values = [self.length_weight, self.fusion, self.eps]
-        if not (np.isfinite(self.weights).all() and all(math.isfinite(v) for v in values)):
+        null_ok = self.null_weights is None or bool(np.isfinite(self.null_weights).all())
+        if not (np.isfinite(self.weights).all() and null_ok and all(math.isfinite(v) for v in values)):
             raise CficError("attention ranker has non-finite weights")
         if self.fusion < 0 or self.eps <= 0:
             raise CficError("attention ranker needs fusion >= 0 and eps > 0")
@@ -81,13 +82,17 @@ class AttentionRanker:
     def __hash__(self) -> int:
         return hash(self.digest)
 
-    def check(self, layers: int, heads: int) -> None:
-        """Refuse a model of another shape. (SwiftKV on or off is accepted: the fit gives the mean row no weight
-        from the SwiftKV layer on, where it is the last token's row with SwiftKV, and the layers below read the same
-        states either way; the upper layers' K/V are SwiftKV's distilled approximation.)"""
+    def check(self, layers: int, heads: int, swiftkv_layer: int | None = None) -> None:
+        """Refuse a model of another shape, or SwiftKV from a lower layer than the fit's. (SwiftKV off, or from the
+        fit's layer or above, is accepted: the fit gives the mean row no weight from its SwiftKV layer on, where it
+        is the last token's row, and the layers below read the same states either way.)"""
         if self.weights.shape[1:] != (layers, heads):
             raise CficError(f"the attention ranker was fitted for {self.weights.shape[1]} layers x "
                             f"{self.weights.shape[2]} heads, the model has {layers} x {heads}")
+        if swiftkv_layer is not None and (self.swiftkv_layer is None or swiftkv_layer < self.swiftkv_layer):
+            raise CficError(f"the attention ranker was fitted with SwiftKV from layer {self.swiftkv_layer}; from "
+                            f"layer {swiftkv_layer} its mean-row weights read other states: refit it (cfic "
+                            "fit-attention) or pass attention=None")
 
     def scores(self, attention: SentenceAttention, null: SentenceAttention | None = None) -> torch.Tensor:
         """Unnormalised per-sentence scores ``[sentences]`` (float32)."""

@@ -107,6 +107,8 @@ class GroundingConfig:
             raise CficError(f"score_end_margin must be a number >= 0 or None, got {self.score_end_margin!r}")
         if self.hops > 2:
             raise CficError(f"hops must be 1 or 2, got {self.hops!r}")
+        if self.prior is None and (self.hops > 1 or self.score_end_margin is not None):
+            raise CficError("hops=2 and score_end_margin rank by the sentence prior: they need a prior")
         if self.max_sentence_tokens > self.max_span_tokens:
             raise CficError("max_sentence_tokens must not exceed max_span_tokens")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:

@@ -125,7 +125,8 @@ class Grounder:
         self.runner = LayerRunner(loaded.model, swiftkv)
         self._layer_skip(config)  # validate the schedule against the model once
         if config.attention is not None:
-            config.attention.check(self.runner.num_layers, loaded.model.config.num_attention_heads)
+            config.attention.check(self.runner.num_layers, loaded.model.config.num_attention_heads,
+                                   self.runner.swiftkv.layer if self.runner.swiftkv is not None else None)
         self.template = PromptTemplate.for_tokenizer(self.tokenizer, self.config.instruction,
                                                      eos_token_ids(loaded.model, self.tokenizer))
         self.max_context = self.config.max_context_tokens or self.runner.max_positions
@@ -298,6 +299,10 @@ class Grounder:
         )
         if not use_attention and cfg.attention is not None:
             cfg = cfg.with_options(attention=None)
+        if not use_prior and (cfg.hops > 1 or cfg.score_end_margin is not None):
+            raise CficError("hops=2 and score_end_margin rank by the sentence prior: they need use_prior=True")
+        if not skip_decoding and cfg.score_end_margin is not None:
+            raise CficError("skip_decoding=False (the greedy span end) and score_end_margin exclude each other")
         queries = list(queries)
         for q in queries:
             if not isinstance(q, str):
@@ -353,7 +358,7 @@ class Grounder:
                 if not rest or self._settled(spans, float(log_priors[qi][rest[0]].max()), cfg):
                     break
                 batch, rest = rest[:1], rest[1:]
-            if cfg.hops > 1 and log_priors[qi] is not None and spans:
+            if cfg.hops > 1 and cfg.top_k > 1 and log_priors[qi] is not None and spans:  # top_k 1: nothing to add
                 with torch.inference_mode():
                     spans = self._second_hop(query, spans, encodings, sorted(set(used)), cfg, skip_decoding, usage,
                                              cancel)
@@ -375,7 +380,9 @@ class Grounder:
     def attention_log_probabilities(self, query: str, documents: Iterable[DocumentInput]) -> list[np.ndarray]:
         """Each sentence's log-probability under the attention ranker alone, per document: the LM's reading of the
         question with no prior (what the ranker contributes to the start search; normalised over each window's
-        sentences, a sentence in two windows keeps its first). Reads the documents that are not encodings yet."""
+        sentences, a sentence in two windows keeps its first). The shipped ranker was fitted on top of the prior,
+        so alone it is a correction, not a ranking; ``cfic evaluate``'s ``attention`` row uses the one the adapter
+        fitted alone. Reads the documents that are not encodings yet."""
         ranker = self.config.attention
         if ranker is None:
             raise CficError("this grounder has no attention ranker (fit one with cfic fit-attention)")
@@ -415,7 +422,7 @@ class Grounder:
         """Several documents and the LM-free start search (the attention ranker only lowers scores, so the prior's
         bound holds with it)."""
         return (n_documents >= 2 and cfg.prior is not None and cfg.prior.lm == 0.0
-                and not cfg.read_all_documents)
+                and not cfg.read_all_documents and cfg.hops == 1)  # a second hop may start in any document
 
     @staticmethod
     def _reading_order(log_priors: list | None, cfg: GroundingConfig) -> list[int] | None:
@@ -541,12 +548,13 @@ class Grounder:
             return all(s.document_index != t.document_index or s.end <= t.start or t.end <= s.start for t in taken)
 
         merged = [best]
+        # each added span scores strictly below the one before, so the ranking keeps the merged order
         for s in sorted(found, key=lambda s: (-s.score, s.document_index, s.start)):
             if len(merged) < cfg.top_k and outside(s, merged):
-                merged.append(dataclasses.replace(s, score=min(s.score, best.score)))
+                merged.append(dataclasses.replace(s, score=min(s.score, math.nextafter(merged[-1].score, 0.0))))
         for s in sorted(spans, key=lambda s: (-s.score, s.document_index, s.start)):
             if len(merged) < cfg.top_k and outside(s, merged):
-                merged.append(dataclasses.replace(s, score=min(s.score, merged[-1].score)))
+                merged.append(dataclasses.replace(s, score=min(s.score, math.nextafter(merged[-1].score, 0.0))))
         return merged
 
     def _hop_query(self, query: str, bridge: str, cfg: GroundingConfig) -> str:

@@ -285,3 +285,31 @@ def test_grounder_ends_spans_by_scores_without_a_forward_pass(tiny_loaded):
         assert e.text == doc[e.start_char:e.end_char]
     with pytest.raises(CficError):
         GroundingConfig(score_end_margin=-1.0)
+
+
+@pytest.mark.numerics
+def test_options_that_need_the_prior_or_exclude_each_other_are_refused(tiny_loaded):
+    import numpy as np
+
+    from cfic import GroundingConfig
+    from cfic.attention import AttentionRanker
+    from cfic.prior import PriorWeights
+
+    g = Grounder(tiny_loaded, GroundingConfig(prior=PriorWeights(10.0, 5.0, 1.0, 0.0)))
+    doc = "One sentence here. Another one there. A third."
+    with pytest.raises(CficError):
+        g.ground("What?", [doc], hops=2, use_prior=False)
+    with pytest.raises(CficError):
+        g.ground("What?", [doc], score_end_margin=1.0, skip_decoding=False)
+    with pytest.raises(CficError):
+        GroundingConfig(hops=2)  # no prior
+    # a second hop may start in any document: best-first reading is off for it
+    assert g.reads_best_first(3) and not Grounder(tiny_loaded, g.config.with_options(hops=2)).reads_best_first(3)
+    w = np.zeros((2, 2, 4), dtype=np.float32)
+    with pytest.raises(CficError):
+        AttentionRanker(w, 0.0, 1.0, null_weights=np.full_like(w, np.nan))
+    fitted_at_15 = AttentionRanker(w, 0.0, 1.0, swiftkv_layer=15)
+    fitted_at_15.check(2, 4, None)
+    fitted_at_15.check(2, 4, 20)
+    with pytest.raises(CficError):
+        fitted_at_15.check(2, 4, 8)
