@@ -175,7 +175,7 @@ class Grounder:
         (then ``"auto"`` stands aside).
         """
         loaded = load_model(model, device=device, dtype=dtype, adapter=adapter)
-        for name, value in adapter_settings(loaded.adapter).items():
+        for name, value in adapter_settings(loaded.adapter, skip=options.keys()).items():
             options.setdefault(name, value)
         config = GroundingConfig().with_options(**options)
         if str(swiftkv) == "auto" and (config.swiftkv_layer is not None or config.swiftkv_group != 1):

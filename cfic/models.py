@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -77,10 +78,11 @@ def adapter_threshold(adapter: str | os.PathLike | None) -> float | None:
     return float(value)
 
 
-def adapter_settings(adapter: str | os.PathLike | None) -> dict[str, object]:
+def adapter_settings(adapter: str | os.PathLike | None, skip: Collection[str] = ()) -> dict[str, object]:
     """GroundingConfig options fitted with an adapter (its ``cfic.json``): ``threshold``, ``prior``,
     ``abstention`` and ``attention`` (the attention ranker's file), each present only when the file sets it. Scores
-    belong to the weights that produced them, so these travel with the adapter."""
+    belong to the weights that produced them, so these travel with the adapter. ``skip``: settings the caller
+    overrides, not read (so a fit can replace a missing or broken file of its own)."""
     from cfic.prior import Abstention, PriorWeights
 
     if adapter is None:
@@ -96,12 +98,12 @@ def adapter_settings(adapter: str | os.PathLike | None) -> dict[str, object]:
         raise ModelLoadError(f"{path}: expected a JSON object")
     out: dict[str, object] = {"threshold": adapter_threshold(adapter)}
     try:
-        if isinstance(data.get("prior"), dict):
+        if isinstance(data.get("prior"), dict) and "prior" not in skip:
             out["prior"] = PriorWeights.from_dict(data["prior"]["weights"] if "weights" in data["prior"]
                                                   else data["prior"])
-        if isinstance(data.get("abstention"), dict):
+        if isinstance(data.get("abstention"), dict) and "abstention" not in skip:
             out["abstention"] = Abstention.from_dict(data["abstention"], folder=Path(adapter))
-        if isinstance(data.get("attention"), dict) and data["attention"].get("file"):
+        if isinstance(data.get("attention"), dict) and data["attention"].get("file") and "attention" not in skip:
             from cfic.attention import AttentionRanker
 
             out["attention"] = AttentionRanker.load(Path(adapter) / str(data["attention"]["file"]))

@@ -115,6 +115,7 @@ def test_ranker_file_round_trip_and_refusals(tmp_path):
     (tmp_path / "cfic.json").write_text('{"attention": {"file": "missing.safetensors"}}')
     with pytest.raises(ModelLoadError):
         adapter_settings(tmp_path)
+    assert "attention" not in adapter_settings(tmp_path, skip={"attention"})  # a refit can replace it
     with pytest.raises(CficError):
         ranker.check(3, 4)
     with pytest.raises(CficError):
