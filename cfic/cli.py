@@ -51,6 +51,11 @@ def ground(
     acceleration: AccelerationOptions,
     no_prior: Annotated[bool, typer.Option(
         "--no-prior", help="Pure-LM prefix search (no sentence prior, no abstention): the paper's method.")] = False,
+    no_attention: Annotated[bool, typer.Option(
+        "--no-attention", help="Rank start sentences by the sentence prior alone (the attention ranker off; "
+                               "better on one long single-topic article, BENCHMARKS.md round 6).")] = False,
+    hops: Annotated[int, typer.Option("--hops", min=1, max=2, help="2: a second search with the first evidence "
+                                      "in the question (multi-hop questions).")] = 1,
     abstain: Annotated[bool | None, typer.Option(
         "--abstain/--no-abstain", help="Act on the abstention model (default: as the adapter's settings say); "
                                       "P(no evidence) is shown either way.")] = None,
@@ -67,7 +72,13 @@ def ground(
 
     options: dict = load | dict(accel) | answer.span_budget()
     if no_prior:
-        options |= {"prior": None, "abstention": None}
+        options |= {"prior": None, "abstention": None, "attention": None}
+    if no_attention:
+        options["attention"] = None
+    if hops != 1:
+        if no_prior:
+            raise CficError("--hops 2 ranks by the sentence prior: it excludes --no-prior")
+        options["hops"] = hops
     grounder = Grounder.from_pretrained(swiftkv=swiftkv, **options)
     result = grounder.ground(query, documents, top_k=answer.top_k, threshold=answer.threshold, abstain=abstain)
     if json_out:

@@ -124,3 +124,16 @@ def test_bench_refuses_bad_many_documents_options_before_loading_a_model(args, n
     err = res.stderr.decode()
     assert res.returncode == 2, err
     assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_ground_refuses_bad_hop_options_before_loading_a_model(files):
+    res = run_cli("ground", "--query", "q", "--hops", "3", str(files["good"]))
+    assert res.returncode == 2 and "Traceback" not in res.stderr.decode()
+    res = run_cli("ground", "--query", "q", "--hops", "2", "--no-prior", str(files["good"]))
+    err = res.stderr.decode()
+    assert res.returncode == 2 and err.startswith("error:") and "--no-prior" in err
+
+
+def test_help_lists_fit_attention():
+    res = run_cli("--help")
+    assert res.returncode == 0 and "fit-attention" in res.stdout.decode()
