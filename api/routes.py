@@ -102,7 +102,7 @@ async def ground(body: GroundRequest, request: Request, worker: ModelWorker,
     loop = asyncio.get_running_loop()
     job = GroundJob(
         query=body.query, documents=documents, top_k=body.top_k, max_span_tokens=body.max_span_tokens,
-        threshold=body.threshold, abstain=body.abstain,
+        threshold=body.threshold, abstain=body.abstain, use_attention=body.use_attention, hops=body.hops,
         top_documents=getattr(body, "top_documents", None) or settings.index_top_documents,
         deadline=arrived + settings.timeout_s, future=loop.create_future(), loop=loop, request_id=rid,
     )

@@ -123,6 +123,16 @@ class GroundRequest(BaseModel):
         default=None, ge=0.0, le=1.0, allow_inf_nan=False,
         description="Spans scoring below it are dropped; when none remain the response says `no_evidence`.",
     )
+    use_attention: bool = Field(
+        default=True,
+        description="Rank start sentences by the sentence prior fused with the LM's attention (the default); "
+                    "`false`: by the prior alone (better on one long single-topic article, BENCHMARKS.md round 6).",
+    )
+    hops: whole_number(1, 2) = Field(
+        default=1,
+        description="2: search a second time with the first evidence in the question (multi-hop questions; reads "
+                    "every document sent).",
+    )
     abstain: bool | None = Field(
         default=None,
         description="Act on the abstention model: answer `no_evidence` with no spans when its P(no evidence) is "

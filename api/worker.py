@@ -82,6 +82,8 @@ class GroundJob:
     enqueued: float = field(default_factory=time.monotonic)
     abandoned: bool = False  # set by the request when it gave up (timeout, disconnect)
     retrieved: list[Retrieved] | None = None
+    use_attention: bool = True
+    hops: int = 1
 
     def expired(self) -> bool:
         return self.abandoned or time.monotonic() >= self.deadline
@@ -359,7 +361,7 @@ class ModelWorker:
         reused = {k for k in keys if k in turn}
         # Best-first reading (LM-free start search, several documents): the grounder reads only the documents that
         # can hold the top evidence and hands each encoding it read to ``keep``; the others are never prefilled.
-        lazy = self.grounder.reads_best_first(len(job.documents), abstain=job.abstain)
+        lazy = job.hops == 1 and self.grounder.reads_best_first(len(job.documents), abstain=job.abstain)
         encode_ms = 0.0
         if missing and not lazy:
             t0 = time.perf_counter()
@@ -395,7 +397,8 @@ class ModelWorker:
 
         result = self.grounder.ground(job.query, inputs, top_k=job.top_k,
                                       max_span_tokens=job.max_span_tokens, threshold=job.threshold,
-                                      abstain=job.abstain, cancel=job.expired, on_read=keep if lazy else None)
+                                      abstain=job.abstain, cancel=job.expired, on_read=keep if lazy else None,
+                                      use_attention=job.use_attention, hops=job.hops)
         if lazy:  # only the documents the grounder used count, as in ``input_tokens``
             cached_tokens = result.usage.cached_tokens
             encode_ms = result.usage.encode_ms if read else 0.0

@@ -106,6 +106,10 @@ class CFICRetriever(BaseRetriever):
     """Return nothing when the abstention model judges that the documents do not answer the query; None
     follows the model's settings (the bundled model ships with abstention off)."""
     skip_decoding: bool = True
+    use_attention: bool = True
+    """False ranks start sentences by the sentence prior alone (better on one long single-topic article)."""
+    hops: int = 1
+    """2: a second search with the first evidence in the question (multi-hop questions)."""
     cache_encodings: bool = True
     """For ``documents``: keep each document's encoding (its KV prefix) for reuse across queries."""
 
@@ -176,7 +180,8 @@ class CFICRetriever(BaseRetriever):
         require_positive_int("fetch_k", fetch_k)
         grounder = self._grounder()
         options = {"top_k": k, "max_span_tokens": self.max_span_tokens, "threshold": self.threshold,
-                   "abstain": self.abstain, "skip_decoding": self.skip_decoding}
+                   "abstain": self.abstain, "skip_decoding": self.skip_decoding,
+                   "use_attention": self.use_attention, "hops": self.hops}
         if self._sources is not None:
             result = grounder.ground(query, self._document_inputs(), **options)
             return _evidence_documents(result, self._sources)[:k]
@@ -235,6 +240,8 @@ class CFICCompressor(BaseDocumentCompressor):
     max_span_tokens: int | None = None
     abstain: bool | None = None
     skip_decoding: bool = True
+    use_attention: bool = True
+    hops: int = 1
 
     @model_validator(mode="after")
     def _check(self) -> CFICCompressor:
@@ -255,7 +262,8 @@ class CFICCompressor(BaseDocumentCompressor):
         grounder = self.grounder if self.grounder is not None else _default_grounder()
         result = grounder.ground(query, sources, top_k=self.k, max_span_tokens=self.max_span_tokens,
                                  threshold=self.threshold, abstain=self.abstain,
-                                 skip_decoding=self.skip_decoding)
+                                 skip_decoding=self.skip_decoding, use_attention=self.use_attention,
+                                 hops=self.hops)
         return _evidence_documents(result, sources)
 
     async def acompress_documents(

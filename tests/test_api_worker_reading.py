@@ -68,3 +68,18 @@ def test_a_request_prefills_and_caches_only_the_documents_the_grounder_reads(laz
     assert 1 <= len(lazy_cache) < len(DOCUMENTS)
     base = (lazy_grounder.model_name, lazy_grounder.model_key, lazy_grounder.config.encoding_key())
     assert lazy_cache.peek(encoding_cache_key(RIVER["text"], *base))
+
+
+def test_a_second_hop_request_reads_every_document_and_bad_hops_are_refused(lazy_grounder):
+    body = {"query": QUERY, "documents": DOCUMENTS, "top_k": 2, "abstain": False, "hops": 2,
+            "use_attention": False}
+    answer, cache = ground(lazy_grounder, body)
+    assert len(cache) == len(DOCUMENTS)  # a second hop may start in any document
+    direct = lazy_grounder.ground(QUERY, DOCUMENTS, top_k=2, hops=2, abstain=False)
+    assert evidence(answer) == [(e.document_index, e.document_id, e.start_char, e.end_char, e.text)
+                                for e in direct.evidence]
+    app = create_app(lazy_grounder, settings=ServiceSettings(max_documents=len(DOCUMENTS)))
+    with TestClient(app) as client:
+        for hops in (0, 3, "two"):
+            r = client.post("/ground", json={**body, "hops": hops})
+            assert r.status_code == 422 and "hops" in r.text

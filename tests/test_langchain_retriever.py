@@ -208,6 +208,25 @@ def test_abstain_is_passed_to_the_grounder(tiny_loaded):
     assert CFICCompressor(grounder=grounder, k=2, abstain=True).compress_documents(docs, query) == []
 
 
+def test_hops_and_attention_switches_reach_the_grounder(tiny_loaded):
+    """A second hop changes the evidence exactly as the grounder's own call does; hops without a prior is refused."""
+    from cfic.errors import CficError
+    from cfic.prior import PriorWeights
+
+    grounder = Grounder(tiny_loaded, Grounder(tiny_loaded).config.with_options(prior=PriorWeights(10.0, 5.0, 1.0, 0.0)))
+    query = "When did the Normans invade England?"
+    text = CORPUS[0]["text"]
+    docs = [LCDocument(page_content=text)]
+    for hops in (1, 2):
+        direct = [e.text for e in grounder.ground(query, [text], top_k=2, hops=hops, use_attention=False).evidence]
+        via = CFICCompressor(grounder=grounder, k=2, hops=hops, use_attention=False).compress_documents(docs, query)
+        assert [d.page_content for d in via] == direct
+        got = CFICRetriever.from_documents([text], grounder=grounder, k=2, hops=hops, use_attention=False).invoke(query)
+        assert [d.page_content for d in got] == direct
+    with pytest.raises(CficError):
+        CFICCompressor(grounder=Grounder(tiny_loaded), k=2, hops=2).compress_documents(docs, query)
+
+
 async def test_compressor_in_contextual_compression_retriever(tiny_grounder, corpus_index):
     from langchain_classic.retrievers import ContextualCompressionRetriever
     from langchain_core.embeddings import DeterministicFakeEmbedding
