@@ -23,6 +23,7 @@ from cfic.decoding.encode import (
     plan_document,
     question_pass,
     read_documents,
+    window_segment_lengths,
 )
 from cfic.decoding.layerskip import FFNSkip, LayerSkip
 from cfic.decoding.prefix import Prefix, SearchPrior, constrained_prefix_search, end_probability, rank
@@ -393,7 +394,7 @@ class Grounder:
             for enc in encodings:
                 scores = np.zeros(len(enc.sentences), dtype=np.float32)
                 for window in reversed(enc.windows):
-                    lengths = [len(enc.segment_ids[s]) for s in range(window.first, window.last)]
+                    lengths = window_segment_lengths(enc, window)
                     attention = question_pass(self.runner, window, ids, 0, None, lengths).attention
                     null = self._content_free_attention(window, lengths) if ranker.calibrated else None
                     scores[window.first: window.last] = ranker.log_probabilities(attention, null).numpy()
@@ -483,8 +484,7 @@ class Grounder:
                     raise GroundingCancelled("grounding cancelled")
                 t0 = time.perf_counter()
                 ranker = cfg.attention if search_prior is not None else None
-                lengths = None if ranker is None else [len(enc.segment_ids[s]) for s in range(window.first,
-                                                                                              window.last)]
+                lengths = None if ranker is None else window_segment_lengths(enc, window)
                 cache, first, tapped, attention = question_pass(self.runner, window, query_ids, room,
                                                                 None if probe is None else probe.layer, lengths)
                 p_end_first = min(p_end_first, end_probability(first, self.template.eos_ids))
@@ -492,7 +492,7 @@ class Grounder:
                     logit = probe.logit(tapped)
                     probe_logit = logit if probe_logit is None else min(probe_logit, logit)
                 window_prior = search_prior
-                if ranker is not None and search_prior is not None and attention is not None:
+                if ranker is not None and attention is not None:  # a ranker implies a search prior
                     null = self._content_free_attention(window, lengths) if ranker.calibrated else None
                     window_prior = SearchPrior(ranker.fused(search_prior.log_prior, window.first, attention, null),
                                                search_prior.lm_weight)

@@ -310,6 +310,12 @@ def read_documents(
     return out
 
 
+def window_segment_lengths(document: SplitDocument, window: EncodedWindow) -> list[int]:
+    """Token counts of the window's sentence segments: what ``question_pass(segment_lengths=...)`` needs to record
+    the question's attention on each sentence."""
+    return [len(document.segment_ids[s]) for s in range(window.first, window.last)]
+
+
 class QuestionPass(NamedTuple):
     """What the question pass leaves: the query-extended ``cache`` (with free room for decoding), the first answer
     token's log-probabilities (float32 ``[vocab]``) and, when asked for, the last question token's hidden state

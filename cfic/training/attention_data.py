@@ -59,14 +59,14 @@ def document_attention(grounder: Any, enc: Any, question: str) -> np.ndarray:
     """``[2, layers, heads, sentences]`` float32 over the whole document (a sentence in two windows: the first)."""
     import torch
 
-    from cfic.decoding.encode import question_pass
+    from cfic.decoding.encode import question_pass, window_segment_lengths
 
     cfg = grounder.config
     ids = grounder.template.query_ids(grounder.tokenizer, question, cfg.max_query_tokens)
     out = None
     with torch.inference_mode():
         for window in reversed(enc.windows):  # earlier windows overwrite: a sentence keeps its first window
-            lengths = [len(enc.segment_ids[s]) for s in range(window.first, window.last)]
+            lengths = window_segment_lengths(enc, window)
             att = question_pass(grounder.runner, window, ids, 1, segment_lengths=lengths).attention
             both = torch.stack([att.last, att.mean]).numpy()
             if out is None:

@@ -235,10 +235,16 @@ def fit_attention(material: str | Path = "runs/attention", n_nq: int = 200, n_ho
 
 
 def fused_scores(item: AttentionItem, ranker: AttentionRanker) -> np.ndarray:
-    """The search's per-sentence scores for one item: log prior + fusion x the ranker's log-probability."""
-    flat = np.concatenate([ranker.weights.ravel(), *([ranker.null_weights.ravel()] if ranker.calibrated else []),
-                           [ranker.length_weight]]).astype(np.float32)
-    return item.log_prior + ranker.fusion * _log_softmax(features(item, ranker.calibrated, ranker.eps) @ flat)
+    """The search's per-sentence scores for one item, exactly as the grounder fuses them (``AttentionRanker.fused``)."""
+    import torch
+
+    from cfic.decoding.attention import SentenceAttention
+
+    def attention(a: np.ndarray) -> SentenceAttention:
+        return SentenceAttention(torch.from_numpy(a[0]), torch.from_numpy(a[1]), torch.from_numpy(item.tokens))
+
+    null = attention(item.null_attention) if ranker.calibrated else None
+    return ranker.fused(torch.from_numpy(item.log_prior), 0, attention(item.attention), null).numpy()
 
 
 def score_end_study(items: Sequence[AttentionItem], ranker: AttentionRanker, k: int, budget: int,
