@@ -14,7 +14,7 @@ and the licence texts that came with the raw files. What each file holds:
 * ``hotpotqa.jsonl.gz`` — eval: the HotpotQA dev-distractor examples of the Meve sample and of the AMOR dev
   file (disjoint), 10 paragraphs each; train: the HippoRAG train-split sample. Documents and gold spans are
   fixed here.
-* ``squad_docs.jsonl.gz`` + ``squad.jsonl.gz`` — three SQuAD 2.0 articles (dev file: eval; train file: train),
+* ``squad_docs.jsonl.gz`` + ``squad.jsonl.gz`` — three SQuAD 2.0 articles (Normans: eval; Rhine and the train file's article: train),
   each joined into one document, and their 1,124 unique questions (unanswerable ones included, with no gold).
 * ``nq_long_docs.jsonl.gz`` + ``nq_long.jsonl.gz`` — L-Eval's 21 full NQ Wikipedia pages (HTML-ish tags
   turned into line breaks) and their 109 questions; no gold sentences exist for them, so only answer recall
@@ -314,8 +314,8 @@ ATTRIBUTION_ROWS = (
     ("`hotpotqa.jsonl.gz` (train)", "hotpot-hipporag", "HotpotQA train",
      "CC BY-SA 4.0 (HippoRAG repository: MIT)"),
     ("`squad_docs.jsonl.gz`, `squad.jsonl.gz`", "squad",
-     "SQuAD 2.0 articles *Normans*, *Rhine* (dev file: eval split) and *Computational complexity theory* "
-     "(train file: train split), Rajpurkar et al. 2018",
+     "SQuAD 2.0 articles *Normans* (dev file: eval split), *Rhine* (dev file: train split since issue 29) and "
+     "*Computational complexity theory* (train file: train split), Rajpurkar et al. 2018",
      "CC BY-SA 4.0"),
     ("`nq_long_docs.jsonl.gz`, `nq_long.jsonl.gz`", "leval",
      "L-Eval (An et al. 2023) built on Natural Questions",

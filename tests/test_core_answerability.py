@@ -179,3 +179,47 @@ def test_an_abstention_model_shipped_disabled_reports_but_does_not_act_unless_as
     assert data["enabled"] is False and Abstention.from_dict(data, folder=tmp_path) == off
     with pytest.raises(CficError, match="enabled"):
         Abstention.from_dict({**data, "enabled": "no"}, folder=tmp_path)
+
+
+def test_article_folds_hold_each_squad_article_out_whole():
+    from cfic.training.fit_abstention import ProbeItem, article_folds
+
+    items = [ProbeItem("squad", f"squad:{a}", f"q{a}{i}", ("d",), f"squad:{a}", i % 2 == 0)
+             for a in ("A", "B") for i in range(6)]
+    items += [ProbeItem("nq", f"n{i // 2}", f"n{i}", ("d",), f"n{i // 2}", i % 2 == 1) for i in range(20)]
+    folds = article_folds(items)
+    squad = {a: {int(f) for f, i in zip(folds, items) if i.group == f"squad:{a}"} for a in ("A", "B")}
+    assert all(len(v) == 1 for v in squad.values()) and squad["A"] != squad["B"]
+    nq = [int(f) for f, i in zip(folds, items) if i.source == "nq"]
+    assert set(nq) == {0, 1} and all(nq[k] == nq[k + 1] for k in range(0, 20, 2))  # a question's pair stays together
+
+
+def test_stacked_model_is_scored_out_of_fold():
+    from cfic.training.fit_abstention import stacked_out_of_fold
+
+    rng = np.random.default_rng(3)
+    n = 300
+    y = (rng.random(n) < 0.5).astype(float)
+    x = np.stack([y + rng.normal(scale=0.7, size=n), rng.normal(size=n)], axis=1)
+    folds = np.arange(n) % 2
+    p = stacked_out_of_fold(x, y, folds, 0.1)
+    assert auc(p, y) > 0.8 and ((p > 0) & (p < 1)).all()
+    noise = stacked_out_of_fold(rng.normal(size=(n, 2)), y, folds, 0.1)
+    assert auc(noise, y) < 0.62  # out of fold, pure noise does not look separable
+
+
+def test_abstention_material_is_what_the_question_pass_computes(setup):
+    """The fit's material must be the features the grounder sees: the tapped state and the first-position end
+    probability of :func:`question_pass` on the same window."""
+    from cfic.decoding.prefix import end_probability
+    from cfic.training.abstention_data import window_material
+
+    g, enc, window, q_ids = setup
+    layers = [1, 2]
+    states, feats = window_material(g, enc, window, q_ids, layers, None)
+    with torch.inference_mode():
+        for j, layer in enumerate(layers):
+            qp = question_pass(g.runner, window, q_ids, 1, tap_layer=layer)
+            np.testing.assert_allclose(states[j], qp.tapped.numpy(), atol=1e-4, rtol=1e-4)
+    p_end = end_probability(qp.first, g.template.eos_ids)
+    assert feats[0] == pytest.approx(np.log(max(p_end, 1e-9)), abs=1e-4)

@@ -108,10 +108,16 @@ def test_prebuilt_datasets_have_consistent_gold(name):
             assert not ex.gold and not ex.answers
     if name == "squad":
         assert sum(not e.answerable for e in examples) > 0
-        assert len({e.doc_key for e in examples}) == 2
+        assert {e.doc_key for e in examples} == {"squad:Normans"}
         train = load_split("squad", "train")
         assert train and sum(not e.answerable for e in train) > 0
         assert not {e.doc_key for e in train} & {e.doc_key for e in examples}
+        # two training articles, the LoRA's first, so the recipes that take the first questions read only it
+        keys = [e.doc_key for e in train]
+        assert len(set(keys)) == 2 and keys == sorted(keys, key=lambda k: k != keys[0])
+        from cfic.training.lora_items import squad_lora_article
+        lora = squad_lora_article()
+        assert lora and {e.doc_key for e in lora} == {keys[0]} and lora == squad_lora_article(len(lora) + 5)[:len(lora)]
 
 
 def test_hotpotqa_train_side_is_separate():

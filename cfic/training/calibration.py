@@ -19,9 +19,9 @@ def calibration_examples(settings: Any):
     """The SQuAD training-side questions that training left out, on the whole article (as ``cfic evaluate`` asks).
 
     ``settings``: a :class:`cfic.training.lora.TrainSettings` (its ``max_examples`` and ``calibration_fraction``)."""
-    from cfic.eval import load_split
+    from cfic.training.lora_items import squad_lora_article
 
-    return [ex for ex in load_split("squad", "train", limit=settings.max_examples)
+    return [ex for ex in squad_lora_article(settings.max_examples)
             if is_calibration_example(ex.id, settings.calibration_fraction)]
 
 

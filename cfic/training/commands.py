@@ -160,14 +160,15 @@ def fit_abstention_command(
     probe_sources: Annotated[str, typer.Option(
         "--probe-sources", help="Comma-separated sources the probe is fitted on (squad, nq, hotpotqa); the others "
                                 "only calibrate the threshold.")] = "squad",
-    cache: Annotated[Path | None, typer.Option("--cache", help="Keep the question passes' hidden states in this .npz "
-                                               "and reuse them when model, adapter and items are unchanged.")]
-    = None,
+    material: Annotated[Path | None, typer.Option("--material", help="Folder for the question passes' material "
+                                                  "(one file per item; an interrupted run resumes).")]
+    = Path("runs/abstention"),
 ) -> None:
-    """Fit the answerability probe and the no-evidence threshold on the training side; write them with the adapter."""
+    """Fit the abstention model (features held out by article) and its threshold on the training side; write them
+    with the adapter."""
     from cfic.training.fit_abstention import fit_abstention
 
-    report = fit_abstention(nq, hotpot, adapter, out, dtype, l2, cache=cache,
+    report = fit_abstention(nq, hotpot, adapter, out, dtype, l2, material=material,
                             max_false_abstention=max_false_abstention,
                             probe_sources=tuple(x.strip() for x in probe_sources.split(",") if x.strip()))
     _print_report(report)

@@ -69,6 +69,15 @@ def is_calibration_example(example_id: str, fraction: float) -> bool:
     return int.from_bytes(digest[:4], "big") / 2**32 < fraction
 
 
+def squad_lora_article(limit: int | None = None) -> list:
+    """The SQuAD training-side questions of the article the shipped LoRA (and the prior and attention fits) used:
+    the training side later gained a second article for the abstention fit only, and these recipes stay as run."""
+    from cfic.eval import load_split
+    from cfic.eval.datasets import SQUAD_LORA_ARTICLE
+
+    return [ex for ex in load_split("squad", "train", limit=limit) if ex.doc_key == f"squad:{SQUAD_LORA_ARTICLE}"]
+
+
 def squad_windows(examples, paragraphs: int, seed: int):
     """SQuAD articles are longer than a training prompt: each question gets ``paragraphs`` consecutive paragraphs
     (title line kept) that contain its gold sentences, or a seeded random run for an unanswerable question."""
@@ -113,7 +122,7 @@ def training_items(tokenizer, template, config, settings: Any) -> list[TrainItem
     items = build_items(tokenizer, template, config, nq, "nq", settings.max_prompt_tokens)
     items += build_items(tokenizer, template, config, load_split("hotpotqa", "train", limit=limit), "hotpotqa",
                          settings.max_prompt_tokens)
-    squad = [ex for ex in load_split("squad", "train", limit=limit)
+    squad = [ex for ex in squad_lora_article(limit)
              if not is_calibration_example(ex.id, settings.calibration_fraction)]
     items += build_items(tokenizer, template, config, squad_windows(squad, settings.squad_paragraphs, settings.seed),
                          "squad", settings.max_prompt_tokens)
