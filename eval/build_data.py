@@ -14,7 +14,8 @@ and the licence texts that came with the raw files. What each file holds:
 * ``hotpotqa.jsonl.gz`` — eval: the HotpotQA dev-distractor examples of the Meve sample and of the AMOR dev
   file (disjoint), 10 paragraphs each; train: the HippoRAG train-split sample. Documents and gold spans are
   fixed here.
-* ``squad_docs.jsonl.gz`` + ``squad.jsonl.gz`` — three SQuAD 2.0 articles (Normans: eval; Rhine and the train file's article: train),
+* ``squad_docs.jsonl.gz`` + ``squad.jsonl.gz`` — three SQuAD 2.0 articles (Normans: eval; Rhine and the train
+  file's article: train),
   each joined into one document, and their 1,124 unique questions (unanswerable ones included, with no gold).
 * ``nq_long_docs.jsonl.gz`` + ``nq_long.jsonl.gz`` — L-Eval's 21 full NQ Wikipedia pages (HTML-ish tags
   turned into line breaks) and their 109 questions; no gold sentences exist for them, so only answer recall

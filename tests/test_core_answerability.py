@@ -188,10 +188,11 @@ def test_article_folds_hold_each_squad_article_out_whole():
              for a in ("A", "B") for i in range(6)]
     items += [ProbeItem("nq", f"n{i // 2}", f"n{i}", ("d",), f"n{i // 2}", i % 2 == 1) for i in range(20)]
     folds = article_folds(items)
-    squad = {a: {int(f) for f, i in zip(folds, items) if i.group == f"squad:{a}"} for a in ("A", "B")}
+    squad = {a: {int(f) for f, i in zip(folds, items, strict=True) if i.group == f"squad:{a}"}
+             for a in ("A", "B")}
     assert all(len(v) == 1 for v in squad.values()) and squad["A"] != squad["B"]
-    nq = [int(f) for f, i in zip(folds, items) if i.source == "nq"]
-    assert set(nq) == {0, 1} and all(nq[k] == nq[k + 1] for k in range(0, 20, 2))  # a question's pair stays together
+    nq = [int(f) for f, i in zip(folds, items, strict=True) if i.source == "nq"]
+    assert set(nq) == {0, 1} and all(nq[k] == nq[k + 1] for k in range(0, 20, 2))  # pairs stay together
 
 
 def test_stacked_model_is_scored_out_of_fold():

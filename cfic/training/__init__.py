@@ -6,8 +6,8 @@
   :mod:`cfic.training.calibration` (the adapter's ``no_evidence`` threshold);
 - :mod:`cfic.training.distill` (``cfic distill-swiftkv``): SwiftKV parameters against the unmodified model;
 - :mod:`cfic.training.fit_prior` / :mod:`cfic.training.fit_abstention` (``cfic fit-prior`` / ``fit-abstention``):
-  closed-form and grid fits of the sentence prior and the abstention model (its material: :mod:`cfic.training.abstention_data`,
-  held out by SQuAD article);
+  closed-form and grid fits of the sentence prior and the abstention model (its material:
+  :mod:`cfic.training.abstention_data`, scored held out by SQuAD article);
 - :mod:`cfic.training.commands`: the command-line entry points of all four.
 
 No module here imports torch at import time (the CLI registers the commands without loading it).
