@@ -15,7 +15,6 @@ produced the states (``cfic/data/adapter/answerability.safetensors``), like the 
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,13 +23,13 @@ import numpy as np
 import torch
 
 from cfic.errors import CficError, require_positive_int
-from cfic.files import read_safetensors
+from cfic.files import SameByDigest, array_digest, read_safetensors
 
 PROBE_FILE = "answerability.safetensors"
 
 
 @dataclass(frozen=True, eq=False)
-class AnswerabilityProbe:
+class AnswerabilityProbe(SameByDigest):
     """``logit = coef . (h - mean) / scale + intercept``, positive = *no* evidence, where ``h`` is the last question
     token's hidden state leaving decoder layer ``layer`` (1-based count of layers run)."""
 
@@ -54,16 +53,7 @@ class AnswerabilityProbe:
 
     @property
     def digest(self) -> str:
-        h = hashlib.sha256(str(self.layer).encode())
-        for a in (self.mean, self.scale, self.coef, np.array([self.intercept])):
-            h.update(np.ascontiguousarray(a, dtype=np.float32).tobytes())
-        return h.hexdigest()[:16]
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, AnswerabilityProbe) and other.digest == self.digest
-
-    def __hash__(self) -> int:
-        return hash(self.digest)
+        return array_digest(str(self.layer), (self.mean, self.scale, self.coef, np.array([self.intercept])))
 
     def logit(self, hidden: torch.Tensor | np.ndarray) -> float:
         h = hidden.detach().float().cpu().numpy() if isinstance(hidden, torch.Tensor) else np.asarray(hidden)

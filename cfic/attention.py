@@ -19,7 +19,6 @@ reading's stopping bound (the prior mass of the best sentence of an unread docum
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ import torch
 
 from cfic.decoding.attention import SentenceAttention
 from cfic.errors import CficError
-from cfic.files import read_safetensors
+from cfic.files import SameByDigest, array_digest, read_safetensors
 
 RANKER_FILE = "attention_ranker.safetensors"
 ALONE_FILE = "attention_ranker_alone.safetensors"  # the ranking fitted without the prior (an evaluation row)
@@ -39,7 +38,7 @@ CONTENT_FREE_QUESTION = "N/A"
 
 
 @dataclass(frozen=True, eq=False)
-class AttentionRanker:
+class AttentionRanker(SameByDigest):
     """``score = sum(weights * log(mass + eps)) [+ sum(null_weights * log(null mass + eps))] + length_weight *
     log(tokens)``; ``fusion``: its log-softmax's weight next to the prior. ``swiftkv_layer``: the SwiftKV layer of the
     model it was fitted on (the layers above run the last question token only, which changes the mean row)."""
@@ -70,17 +69,8 @@ class AttentionRanker:
 
     @property
     def digest(self) -> str:
-        h = hashlib.sha256(f"{self.length_weight}|{self.fusion}|{self.eps}|{self.swiftkv_layer}".encode())
-        for a in (self.weights, self.null_weights):
-            if a is not None:
-                h.update(np.ascontiguousarray(a, dtype=np.float32).tobytes())
-        return h.hexdigest()[:16]
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, AttentionRanker) and other.digest == self.digest
-
-    def __hash__(self) -> int:
-        return hash(self.digest)
+        return array_digest(f"{self.length_weight}|{self.fusion}|{self.eps}|{self.swiftkv_layer}",
+                            (self.weights, self.null_weights))
 
     def check(self, layers: int, heads: int, swiftkv_layer: int | None = None) -> None:
         """Refuse a model of another shape, or SwiftKV from a lower layer than the fit's. (SwiftKV off, or from the

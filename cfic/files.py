@@ -122,3 +122,29 @@ def read_safetensors(path: str | os.PathLike, framework: str, what: str) -> tupl
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input error
         raise ValueError(f"{what} {str(path)!r}: not a safetensors file ({exc})") from exc
     return meta, tensors
+
+
+def array_digest(header: str, arrays: Any) -> str:
+    """A short content hash of fitted weights: ``header`` (their scalars) and each array as float32 (None skipped)."""
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha256(header.encode())
+    for a in arrays:
+        if a is not None:
+            h.update(np.ascontiguousarray(a, dtype=np.float32).tobytes())
+    return h.hexdigest()[:16]
+
+
+class SameByDigest:
+    """Equality and hashing by the ``digest`` property: fitted weights hold arrays, whose dataclass equality is
+    ambiguous, and two loads of one file must compare equal (configurations and caches key on them)."""
+
+    digest: str
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.digest == self.digest  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash(self.digest)
