@@ -195,8 +195,9 @@ def test_article_folds_hold_each_squad_article_out_whole():
     assert set(nq) == {0, 1} and all(nq[k] == nq[k + 1] for k in range(0, 20, 2))  # pairs stay together
 
 
-def test_stacked_model_is_scored_out_of_fold():
-    from cfic.training.fit_abstention import stacked_out_of_fold
+def test_a_feature_model_is_scored_out_of_fold():
+    def stacked_out_of_fold(x, y, folds, l2):
+        return 1 / (1 + np.exp(-out_of_fold(x, y, folds, l2)))
 
     rng = np.random.default_rng(3)
     n = 300

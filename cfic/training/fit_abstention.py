@@ -183,17 +183,6 @@ def item_features(material: Sequence[Any], probe_logits: np.ndarray | None) -> d
     return out
 
 
-def stacked_out_of_fold(x: np.ndarray, y: np.ndarray, folds: np.ndarray, l2: float) -> np.ndarray:
-    """Out-of-fold P(no evidence) of a logistic model on the named features."""
-    from cfic.training.fit_prior import fit_logistic
-
-    z = np.zeros(len(y))
-    for f in np.unique(folds):
-        coef, b, _, _ = fit_logistic(x[folds != f], y[folds != f], l2=l2, steps=1500)
-        z[folds == f] = x[folds == f] @ coef + b
-    return 1 / (1 + np.exp(-z))
-
-
 def fit_abstention(n_nq: int = 130, n_hotpot: int = 45, adapter: str | None = None, out: str | None = None,
                    dtype: str | None = None, l2: float = 0.15, progress: bool = True,
                    material: Path | None = None, max_false_abstention: float | None = 0.1,
@@ -248,7 +237,7 @@ def fit_abstention(n_nq: int = 130, n_hotpot: int = 45, adapter: str | None = No
     candidates: dict[str, dict] = {}
     for names in FEATURE_SETS:
         x = np.stack([features[n] for n in names], axis=1)
-        p = stacked_out_of_fold(x, y, folds, STACK_L2)
+        p = 1 / (1 + np.exp(-out_of_fold(x, y, folds, STACK_L2)))  # the probe's fit, on the features
         t, acc = choose_threshold(p, y, sources, max_false_abstention)
         candidates["+".join(names)] = {
             "features": list(names), "auc": held_out_auc(p), "threshold": round(t, 4),
