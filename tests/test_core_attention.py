@@ -212,6 +212,36 @@ def test_listwise_fit_finds_the_informative_head():
     assert not _feature_mask((2, 2, 3), False, 1).reshape(-1)[:-1].reshape(2, 2, 3)[1, 1].any()
 
 
+def test_cross_validation_folds_by_document_so_an_article_specific_head_does_not_look_transferable():
+    """Two articles whose evidence is marked by different heads: folded by document, the ranker is always scored on
+    the article it did not learn, and its out-of-fold hit rate stays at chance; the folds keep each article whole and
+    put the two large ones apart."""
+    import numpy as np
+
+    from cfic.training.attention_data import AttentionItem
+    from cfic.training.fit_attention import cross_validate, document_folds
+
+    rng = np.random.default_rng(1)
+    items = []
+    for i in range(60):
+        s, article = 20, "squad:A" if i < 30 else "squad:B"
+        evidence = np.zeros(s, dtype=bool)
+        evidence[rng.integers(s)] = True
+        att = rng.uniform(0.001, 0.01, size=(2, 2, 3, s)).astype(np.float32)
+        att[0, 0 if article == "squad:A" else 1, 2, evidence] = 0.2  # a different head marks each article's evidence
+        att[0, 1 if article == "squad:A" else 0, 2, ~evidence] = 0.2  # ... and the other head points away from it
+        items.append(AttentionItem("squad", att, att * 0 + 0.01, np.full(s, 10, np.float32),
+                                   np.zeros(s, np.float32), evidence, evidence, article))
+    singles = [AttentionItem("nq", it.attention, it.null_attention, it.tokens, it.log_prior, it.evidence, it.answer,
+                             f"nq:{i}") for i, it in enumerate(items[:13])]
+    fold = document_folds(items + singles, 5)
+    for article in ("squad:A", "squad:B"):
+        assert len({int(fold[i]) for i, it in enumerate(items) if it.group == article}) == 1
+    assert fold[0] != fold[30]
+    hits = cross_validate(items, False, None, 1, l2_grid=(0.01,), fusion_grid=(0.0,), folds=2)
+    assert np.mean(hits["attention/0.01"]) < 0.3  # chance is 1/20; a fold that mixed the articles would learn both
+
+
 # ---------------------------------------------------------------- the second hop
 
 

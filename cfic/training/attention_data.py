@@ -1,8 +1,9 @@
 """Training-side material for the attention ranker: for each question, the question pass's attention over every
 sentence (:class:`~cfic.decoding.attention.SentenceAttention`, with the question and with a content-free one), the
 sentence prior's log prior and which sentences are evidence. Written one ``.npz`` per question into a folder, so an
-interrupted collection resumes where it stopped; only training splits are read (NQ train, HotpotQA train, and the
-answerable SQuAD training-article questions held out of LoRA training).
+interrupted collection resumes where it stopped; only training splits are read (NQ train, HotpotQA train, the
+answerable SQuAD questions of the LoRA's article held out of LoRA training, and the answerable questions of the
+second SQuAD training article, which no fit before the attention ranker saw).
 """
 
 from __future__ import annotations
@@ -29,18 +30,26 @@ class AttentionItem:
     log_prior: np.ndarray
     evidence: np.ndarray  # bool: gold sentence or answer-bearing sentence
     answer: np.ndarray  # bool: holds one of the answers
+    group: str = ""  # the document's key: questions on one article share it (cross-validation folds by it)
 
 
-def training_examples(n_nq: int, n_hotpot: int, n_squad: int, nq_offset: int = 460) -> list[tuple[str, Any]]:
+def training_examples(n_nq: int, n_hotpot: int, n_squad: int, nq_offset: int = 460,
+                      n_squad_second: int = 400) -> list[tuple[str, Any]]:
     """(source, Example) pairs from the training splits only. NQ starts after the questions ``cfic fit-prior``
-    fits on (``nq_offset``), so the two fits see different questions."""
+    fits on (``nq_offset``), so the two fits see different questions. SQuAD: the LoRA article's held-out questions,
+    then up to ``n_squad_second`` of every other training article's (the LoRA, the prior and the calibration never
+    read those, so a fold holding one out measures the ranker on an article nothing was fitted on)."""
     from cfic.eval import load_split
+    from cfic.eval.datasets import SQUAD_LORA_ARTICLE
     from cfic.training.calibration import calibration_examples
     from cfic.training.lora import TrainSettings
 
     out = [("nq", ex) for ex in load_split("nq", "train")[nq_offset: nq_offset + n_nq]]
     out += [("hotpotqa", ex) for ex in load_split("hotpotqa", "train")[:n_hotpot]]
     out += [("squad", ex) for ex in calibration_examples(TrainSettings()) if ex.answerable][:n_squad]
+    others = [ex for ex in load_split("squad", "train")
+              if ex.answerable and ex.doc_key != f"squad:{SQUAD_LORA_ARTICLE}"]
+    out += [("squad", ex) for ex in others[:n_squad_second]]
     return out
 
 
@@ -104,7 +113,7 @@ def collect(folder: str | Path, examples: list[tuple[str, Any]], grounder: Any, 
         attention = document_attention(grounder, enc, ex.question)
         tokens = np.array([len(s) for s in enc.segment_ids], dtype=np.float32)
         tmp = path.with_suffix(".tmp.npz")
-        np.savez_compressed(tmp, source=source, attention=attention.astype(np.float16),
+        np.savez_compressed(tmp, source=source, group=key, attention=attention.astype(np.float16),
                             null_attention=null.astype(np.float16), tokens=tokens, log_prior=log_prior,
                             evidence=evidence, answer=answer)
         tmp.replace(path)
@@ -118,4 +127,4 @@ def load(folder: str | Path) -> Iterator[AttentionItem]:
         with np.load(path) as z:
             yield AttentionItem(str(z["source"]), z["attention"].astype(np.float32),
                                 z["null_attention"].astype(np.float32), z["tokens"], z["log_prior"], z["evidence"],
-                                z["answer"])
+                                z["answer"], str(z["group"]) if "group" in z else path.stem)

@@ -128,6 +128,8 @@ def fit_attention_command(
     hotpot: Annotated[int, typer.Option("--hotpot", min=0, help="HotpotQA training questions.")] = 100,
     squad: Annotated[int, typer.Option("--squad", min=0, help="Answerable SQuAD training-article questions held out "
                                        "of LoRA training.")] = 200,
+    squad_second: Annotated[int, typer.Option("--squad-second", min=0, help="Answerable questions of the other SQuAD "
+                                              "training article(s), which no earlier fit read.")] = 400,
     material: Annotated[str, typer.Option("--material", help="Folder for the collected attention (one .npz per "
                                           "question; an interrupted run resumes from it).")] = "runs/attention",
     adapter: Annotated[str | None, typer.Option("--adapter", help="Adapter folder (default: the bundled one); its "
@@ -139,7 +141,7 @@ def fit_attention_command(
     with the prior on the training side; write them with the adapter."""
     from cfic.training.fit_attention import fit_attention
 
-    _print_report(fit_attention(material, nq, hotpot, squad, adapter, out))
+    _print_report(fit_attention(material, nq, hotpot, squad, adapter, out, n_squad_second=squad_second))
 
 
 def fit_abstention_command(
