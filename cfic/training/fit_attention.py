@@ -6,8 +6,9 @@ only, and ship them with the adapter.
 2. Per-head weights: a listwise model — softmax over a document's sentences of a linear function of the log
    attention masses — maximising the probability of the evidence sentences, L2-regularised (LBFGS).
    Fitted two ways: *alone* (the attention ranking by itself) and *residual* (the prior's log prior added before
-   the softmax, so the weights learn what the attention knows beyond the prior — the better fusion on the training
-   side, +8.6 points of top-3 hit on the first 141 NQ items against +3 for the ranking fitted alone).
+   the softmax, so the weights learn what the attention knows beyond the prior). The residual wins on NQ but learns
+   an article's questions rather than what marks evidence: folded by document it loses 4.6 points on the SQuAD
+   articles it did not see, where the ranker fitted alone gains 4.3 (round 8, the adapter's ``attention.fit``).
 3. The fusion weight, the L2 strength, residual or alone, and with or without the content-free calibration: chosen
    by 5-fold cross-validation on the same material, folded by document (every question on one SQuAD article in one
    fold: folds that split an article let the weights learn that article's questions, and chose a fusion that lost
