@@ -166,6 +166,8 @@ def fit_attention(material: str | Path = "runs/attention", n_nq: int = 200, n_ho
     ``attention_ranker_alone.safetensors``, the attention ranking fitted without the prior (``cfic evaluate``'s
     ``attention`` row). ``calibrated``: None chooses with or without the content-free question by the same
     cross-validation."""
+    from tqdm.auto import tqdm
+
     from cfic.eval.compare import paired_bootstrap
     from cfic.grounder import Grounder
     from cfic.models import ADAPTER_SETTINGS
@@ -188,8 +190,6 @@ def fit_attention(material: str | Path = "runs/attention", n_nq: int = 200, n_ho
     sources = [it.source for it in items]
     table: dict[str, dict[str, Any]] = {}
     per_question: dict[str, list[bool]] = {}
-    from tqdm.auto import tqdm
-
     variants = [(cal, residual) for cal in ([False, True] if calibrated is None else [calibrated])
                 for residual in (False, True)]
     for cal, residual in tqdm(variants, desc="cross-validating rankers", unit="variant", disable=not progress):
