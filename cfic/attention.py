@@ -12,9 +12,12 @@ masses for a content-free question calibrate away what the heads look at whateve
 fitted listwise on training splits only (``cfic fit-attention``) and ship with the adapter whose weights produced
 the attention (``cfic/data/adapter/attention_ranker.safetensors``), like the prior's weights and the probe.
 
-Fusion: the search ranks a sentence by ``log prior + fusion * (attention log-probability - the window's best)``.
-The attention term is at most 0, so a document's fused scores never exceed its prior masses, and best-first
-reading's stopping bound (the prior mass of the best sentence of an unread document) still holds.
+Fusion: the search ranks a sentence by ``log prior + fusion(n) * (attention log-probability - the window's best)``,
+with ``fusion(n) = fusion * (n / 64) ** fusion_power`` for a window of ``n`` sentences: the heads' reading may be
+worth more next to the prior in a short document than in a long one, where the question's attention spreads over
+hundreds of sentences (the power is fitted on the training side with the weight; 0 is one weight everywhere). The
+attention term is at most 0, so a document's fused scores never exceed its prior masses, and best-first reading's
+stopping bound (the prior mass of the best sentence of an unread document) still holds.
 """
 
 from __future__ import annotations
@@ -35,13 +38,17 @@ RANKER_FILE = "attention_ranker.safetensors"
 ALONE_FILE = "attention_ranker_alone.safetensors"  # the ranking fitted without the prior (an evaluation row)
 # The content-free question a calibrated ranker compares with (ICR): what the heads look at whatever is asked.
 CONTENT_FREE_QUESTION = "N/A"
+# The window size at which ``fusion`` is the fusion weight itself (``fusion_power`` scales it away from there).
+REFERENCE_SENTENCES = 64
 
 
 @dataclass(frozen=True, eq=False)
 class AttentionRanker(SameByDigest):
     """``score = sum(weights * log(mass + eps)) [+ sum(null_weights * log(null mass + eps))] + length_weight *
-    log(tokens)``; ``fusion``: its log-softmax's weight next to the prior. ``swiftkv_layer``: the SwiftKV layer of the
-    model it was fitted on (the layers above run the last question token only, which changes the mean row)."""
+    log(tokens)``; ``fusion``: its log-softmax's weight next to the prior in a window of ``REFERENCE_SENTENCES``
+    sentences, scaled by ``(n / REFERENCE_SENTENCES) ** fusion_power`` in a window of ``n``. ``swiftkv_layer``: the
+    SwiftKV layer of the model it was fitted on (the layers above run the last question token only, which changes
+    the mean row)."""
 
     weights: np.ndarray  # [2, layers, heads]
     length_weight: float
@@ -49,13 +56,14 @@ class AttentionRanker(SameByDigest):
     eps: float = 1e-4
     null_weights: np.ndarray | None = None
     swiftkv_layer: int | None = None
+    fusion_power: float = 0.0
 
     def __post_init__(self) -> None:
         if self.weights.ndim != 3 or self.weights.shape[0] != 2:
             raise CficError(f"attention ranker weights must be [2, layers, heads], got {self.weights.shape}")
         if self.null_weights is not None and self.null_weights.shape != self.weights.shape:
             raise CficError("attention ranker null weights disagree in shape with its weights")
-        values = [self.length_weight, self.fusion, self.eps]
+        values = [self.length_weight, self.fusion, self.eps, self.fusion_power]
         null_ok = self.null_weights is None or bool(np.isfinite(self.null_weights).all())
         if not (np.isfinite(self.weights).all() and null_ok and all(math.isfinite(v) for v in values)):
             raise CficError("attention ranker has non-finite weights")
@@ -69,7 +77,7 @@ class AttentionRanker(SameByDigest):
 
     @property
     def digest(self) -> str:
-        return array_digest(f"{self.length_weight}|{self.fusion}|{self.eps}|{self.swiftkv_layer}",
+        return array_digest(f"{self.length_weight}|{self.fusion}|{self.eps}|{self.swiftkv_layer}|{self.fusion_power}",
                             (self.weights, self.null_weights))
 
     def check(self, layers: int, heads: int, swiftkv_layer: int | None = None) -> None:
@@ -101,6 +109,10 @@ class AttentionRanker(SameByDigest):
         """log-softmax of :meth:`scores` over the window's sentences (each at most 0)."""
         return torch.log_softmax(self.scores(attention, null), dim=0)
 
+    def fusion_at(self, sentences: int) -> float:
+        """The fusion weight in a window of ``sentences`` sentences."""
+        return self.fusion * (max(sentences, 1) / REFERENCE_SENTENCES) ** self.fusion_power
+
     def fused(self, log_prior: torch.Tensor, first: int, attention: SentenceAttention,
               null: SentenceAttention | None = None) -> torch.Tensor:
         """A document's log prior with the window's sentences ``[first, first + n)`` lowered by ``fusion`` times
@@ -110,7 +122,7 @@ class AttentionRanker(SameByDigest):
         out = log_prior.clone()
         n = attention.num_sentences
         lp = self.log_probabilities(attention, null)
-        out[first: first + n] += self.fusion * (lp - lp.max())
+        out[first: first + n] += self.fusion_at(n) * (lp - lp.max())
         return out
 
     def save(self, path: str | os.PathLike, info: dict[str, str] | None = None) -> None:
@@ -122,7 +134,8 @@ class AttentionRanker(SameByDigest):
         if self.null_weights is not None:
             tensors["null_weights"] = np.ascontiguousarray(self.null_weights, dtype=np.float32)
         meta = {"length_weight": repr(self.length_weight), "fusion": repr(self.fusion), "eps": repr(self.eps),
-                "swiftkv_layer": "" if self.swiftkv_layer is None else str(self.swiftkv_layer), **(info or {})}
+                "swiftkv_layer": "" if self.swiftkv_layer is None else str(self.swiftkv_layer),
+                "fusion_power": repr(self.fusion_power), **(info or {})}
         write_atomic(path, save(tensors, metadata=meta))
 
     @classmethod
@@ -131,10 +144,11 @@ class AttentionRanker(SameByDigest):
             meta, tensors = read_safetensors(Path(path), "numpy", "attention ranker")
             sw = meta.get("swiftkv_layer", "")
             return cls(tensors["weights"], float(meta["length_weight"]), float(meta["fusion"]),
-                       float(meta.get("eps", "1e-4")), tensors.get("null_weights"), int(sw) if sw else None)
+                       float(meta.get("eps", "1e-4")), tensors.get("null_weights"), int(sw) if sw else None,
+                       float(meta.get("fusion_power", "0.0")))
         except (KeyError, ValueError) as exc:
             raise CficError(f"bad attention ranker file {str(path)!r}: {exc}") from exc
 
-    def with_fusion(self, fusion: float) -> AttentionRanker:
+    def with_fusion(self, fusion: float, fusion_power: float | None = None) -> AttentionRanker:
         return AttentionRanker(self.weights, self.length_weight, fusion, self.eps, self.null_weights,
-                               self.swiftkv_layer)
+                               self.swiftkv_layer, self.fusion_power if fusion_power is None else fusion_power)

@@ -105,6 +105,10 @@ def test_ranker_file_round_trip_and_refusals(tmp_path):
     back = AttentionRanker.load(tmp_path / "r.safetensors")
     assert back == ranker and back.calibrated and back.fusion == 2.0
     assert ranker.with_fusion(1.0) != ranker
+    powered = ranker.with_fusion(2.0, -1.5)
+    powered.save(tmp_path / "p.safetensors")
+    assert AttentionRanker.load(tmp_path / "p.safetensors") == powered != ranker
+    assert AttentionRanker.load(tmp_path / "p.safetensors").fusion_power == -1.5
     (tmp_path / "cfic.json").write_text('{"attention": {"file": "r.safetensors"}}')
     assert adapter_settings(tmp_path)["attention"] == ranker
     assert adapter_attention_alone(tmp_path) is None
@@ -178,6 +182,59 @@ def test_grounder_fuses_the_ranker_into_the_start_search(tiny_loaded):
         plain.attention_log_probabilities(q, [doc])
     with pytest.raises(CficError):
         Grounder(tiny_loaded, base.with_options(attention=_ranker(3, heads)))
+
+
+def test_fusion_power_scales_the_attention_term_by_the_window_sentence_count():
+    """fusion(n) = fusion * (n / 64) ** power: with power -1 a 128-sentence window's attention term is half the
+    power-0 ranker's and a 32-sentence window's twice; the order inside each window is the same either way."""
+    import numpy as np
+
+    from cfic.attention import REFERENCE_SENTENCES
+    from cfic.decoding.attention import SentenceAttention
+
+    ranker = _ranker(2, 3, fusion=1.5)
+    powered = ranker.with_fusion(1.5, -1.0)
+    for n, factor in ((2 * REFERENCE_SENTENCES, 0.5), (REFERENCE_SENTENCES // 2, 2.0), (REFERENCE_SENTENCES, 1.0)):
+        g = torch.Generator().manual_seed(n)
+        att = SentenceAttention(torch.rand(2, 3, n, generator=g), torch.rand(2, 3, n, generator=g),
+                                torch.full((n,), 10.0))
+        log_prior = torch.log_softmax(torch.randn(n + 2, generator=g), 0)
+        plain_term = ranker.fused(log_prior, 1, att) - log_prior
+        powered_term = powered.fused(log_prior, 1, att) - log_prior
+        assert float(plain_term.abs().max()) > 0.1
+        assert torch.allclose(powered_term, factor * plain_term, atol=1e-5)
+        assert powered.fusion_at(n) == pytest.approx(1.5 * factor)
+        assert np.array_equal(np.argsort(-powered_term[1:-1].numpy()), np.argsort(-plain_term[1:-1].numpy()))
+
+
+def test_cross_validation_lowers_the_fusion_in_long_documents_when_the_attention_only_reads_short_ones():
+    """Short documents whose evidence one head marks, long ones where that head points away from it and the prior
+    knows the evidence: one fusion weight for both loses one of the two, a negative power keeps both."""
+    import numpy as np
+
+    from cfic.training.attention_data import AttentionItem
+    from cfic.training.fit_attention import cross_validate, setting_key
+
+    rng = np.random.default_rng(2)
+    items = []
+    for i in range(60):
+        short = i % 2 == 0
+        s = 16 if short else 512
+        evidence = np.zeros(s, dtype=bool)
+        evidence[rng.integers(s)] = True
+        att = rng.uniform(0.001, 0.01, size=(2, 2, 3, s)).astype(np.float32)
+        att[0, 1, 2, evidence if short else rng.integers(s, size=3)] = 0.2
+        log_prior = rng.normal(0, 1.0, s).astype(np.float32)
+        if not short:
+            log_prior[evidence] += 5.0  # the prior knows the long documents' evidence
+        items.append(AttentionItem("hotpotqa" if short else "nq", att, att * 0 + 0.01, np.full(s, 10, np.float32),
+                                   log_prior, evidence, evidence, f"doc{i}"))
+    hits = cross_validate(items, False, None, 1, l2_grid=(0.01,), fusion_grid=(0.0, 2.0), power_grid=(0.0, -2.0))
+    assert setting_key(0.01, 2.0, -2.0) in hits and setting_key(0.01, 0.0, -2.0) not in hits
+    one_weight = np.mean(hits[setting_key(0.01, 2.0, 0.0)])
+    powered = np.mean(hits[setting_key(0.01, 2.0, -2.0)])
+    assert powered > one_weight + 0.2
+    assert powered > np.mean(hits[setting_key(0.01, 0.0, 0.0)]) + 0.2
 
 
 def test_listwise_fit_finds_the_informative_head():

@@ -9,11 +9,12 @@ only, and ship them with the adapter.
    the softmax, so the weights learn what the attention knows beyond the prior). The residual wins on NQ but learns
    an article's questions rather than what marks evidence: folded by document it loses 4.6 points on the SQuAD
    articles it did not see, where the ranker fitted alone gains 4.3 (round 8, the adapter's ``attention.fit``).
-3. The fusion weight, the L2 strength, residual or alone, and with or without the content-free calibration: chosen
-   by 5-fold cross-validation on the same material, folded by document (every question on one SQuAD article in one
-   fold: folds that split an article let the weights learn that article's questions, and chose a fusion that lost
-   6 points on an article it had not seen, issue 29 round 7b), by the top-k hit rate of ``log prior + fusion * attention
-   log-probability`` (an answer-bearing sentence among the k best), averaged over the three sources so each
+3. The fusion weight and its power of the document's sentence count (``fusion(n) = fusion * (n / 64) ** power``,
+   round 9), the L2 strength, residual or alone, and with or without the content-free calibration: chosen by 5-fold
+   cross-validation on the same material, folded by document (every question on one SQuAD article in one fold:
+   folds that split an article let the weights learn that article's questions, and chose a fusion that lost 6
+   points on an article it had not seen, issue 29 round 7b), by the top-k hit rate of ``log prior + fusion(n) *
+   attention log-probability`` (an answer-bearing sentence among the k best), averaged over the three sources so each
    document shape counts; the chosen setting is compared with the prior alone (fusion 0) by a paired bootstrap over
    the cross-validated questions. The final weights are refit on all material.
 """
@@ -27,10 +28,12 @@ from typing import Any
 
 import numpy as np
 
-from cfic.attention import ALONE_FILE, RANKER_FILE, AttentionRanker
+from cfic.attention import ALONE_FILE, RANKER_FILE, REFERENCE_SENTENCES, AttentionRanker
 from cfic.training.attention_data import AttentionItem
 
 FUSION_GRID = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
+# fusion(n) = fusion * (n / REFERENCE_SENTENCES) ** power; 0 is one weight for every document (round 8's fit)
+POWER_GRID = (0.0, -0.5, -1.0, -1.5, -2.0)
 RESIDUAL_FUSION_GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)
 L2_GRID = (3e-3, 1e-2, 3e-2, 1e-1)
 SCORE_END_MARGINS = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
@@ -88,11 +91,26 @@ def fit_weights(x: Sequence[np.ndarray], y: Sequence[np.ndarray], l2: float, mas
 
 
 def ranker_from_weights(flat: np.ndarray, shape: tuple[int, int, int], calibrated: bool, fusion: float,
-                        swiftkv_layer: int | None, eps: float = EPS) -> AttentionRanker:
+                        swiftkv_layer: int | None, eps: float = EPS, fusion_power: float = 0.0) -> AttentionRanker:
     n = int(np.prod(shape))
     null = flat[n: 2 * n].reshape(shape) if calibrated else None
     return AttentionRanker(flat[:n].reshape(shape).copy(), float(flat[-1]), fusion, eps, None if null is None
-                           else null.copy(), swiftkv_layer)
+                           else null.copy(), swiftkv_layer, fusion_power)
+
+
+def setting_key(l2: float, fusion: float, power: float) -> str:
+    """``fused/<l2>/<fusion>`` for one weight everywhere (power 0), ``fused/<l2>/<fusion>/n^<power>`` otherwise."""
+    return f"fused/{l2}/{fusion}" + (f"/n^{power}" if power else "")
+
+
+def parse_setting(key: str) -> tuple[bool, bool, float, float, float]:
+    """(calibrated, residual, l2, fusion, power) of a table key ``<plain|calibrated>/<alone|residual>/fused/...``
+    (or ``.../attention/<l2>``: fusion 1, power 0)."""
+    parts = key.split("/")
+    cal, residual, l2 = parts[0] == "calibrated", parts[1] == "residual", float(parts[3])
+    fusion = float(parts[4]) if len(parts) > 4 else 1.0
+    power = float(parts[5].removeprefix("n^")) if len(parts) > 5 else 0.0
+    return cal, residual, l2, fusion, power
 
 
 def _log_softmax(s: np.ndarray) -> np.ndarray:
@@ -123,9 +141,11 @@ def document_folds(items: Sequence[AttentionItem], folds: int, seed: int = 0) ->
 
 def cross_validate(items: Sequence[AttentionItem], calibrated: bool, swiftkv_layer: int | None, k: int,
                    l2_grid: Sequence[float] = L2_GRID, fusion_grid: Sequence[float] = FUSION_GRID,
-                   folds: int = FOLDS, seed: int = 0, residual: bool = False) -> dict[str, Any]:
-    """Out-of-fold top-``k`` hits per (l2, fusion) and of the attention alone, per question. ``residual``: fit the
-    weights on top of the prior (``fit_weights`` offsets)."""
+                   folds: int = FOLDS, seed: int = 0, residual: bool = False,
+                   power_grid: Sequence[float] = (0.0,)) -> dict[str, Any]:
+    """Out-of-fold top-``k`` hits per (l2, fusion, power) and of the attention alone, per question. ``residual``: fit
+    the weights on top of the prior (``fit_weights`` offsets). ``power_grid``: the fusion weight's exponent of the
+    document's sentence count (:meth:`~cfic.attention.AttentionRanker.fusion_at`)."""
     x = [features(it, calibrated) for it in items]
     y = [it.evidence for it in items]
     target = [it.answer if it.answer.any() else it.evidence for it in items]
@@ -135,7 +155,7 @@ def cross_validate(items: Sequence[AttentionItem], calibrated: bool, swiftkv_lay
     hits: dict[str, list[bool]] = {}
     for l2 in l2_grid:
         alone = [False] * len(items)
-        fused = {f: [False] * len(items) for f in fusion_grid}
+        fused = {(f, p): [False] * len(items) for f in fusion_grid for p in power_grid}
         for f in range(folds):
             train = [i for i in range(len(items)) if fold[i] != f]
             w = fit_weights([x[i] for i in train], [y[i] for i in train], l2, mask,
@@ -143,11 +163,13 @@ def cross_validate(items: Sequence[AttentionItem], calibrated: bool, swiftkv_lay
             for i in np.flatnonzero(fold == f):
                 a = _log_softmax(x[i] @ w)
                 alone[i] = top_hit(a, target[i], k)
-                for fu in fusion_grid:
-                    fused[fu][i] = top_hit(items[i].log_prior + fu * a, target[i], k)
+                scale = len(a) / REFERENCE_SENTENCES
+                for fu, p in fused:
+                    fused[fu, p][i] = top_hit(items[i].log_prior + fu * scale ** p * a, target[i], k)
         hits[f"attention/{l2}"] = alone
-        for fu in fusion_grid:
-            hits[f"fused/{l2}/{fu}"] = fused[fu]
+        for (fu, p), h in fused.items():
+            if fu or not p:  # fusion 0 is the prior alone whatever the power
+                hits[setting_key(l2, fu, p)] = h
     return hits
 
 
@@ -193,7 +215,7 @@ def fit_attention(material: str | Path = "runs/attention", n_nq: int = 200, n_ho
     variants = [(cal, residual) for cal in ([False, True] if calibrated is None else [calibrated])
                 for residual in (False, True)]
     for cal, residual in tqdm(variants, desc="cross-validating rankers", unit="variant", disable=not progress):
-        hits = cross_validate(items, cal, sw, k, residual=residual,
+        hits = cross_validate(items, cal, sw, k, residual=residual, power_grid=POWER_GRID,
                               fusion_grid=RESIDUAL_FUSION_GRID if residual else FUSION_GRID)
         for name, h in hits.items():
             if residual and name.startswith("attention/"):
@@ -218,19 +240,20 @@ def fit_attention(material: str | Path = "runs/attention", n_nq: int = 200, n_ho
         return plain
 
     fused_key, alone_key = best("fused"), best("attention")
-    prior_key = next(key for key in table if key.endswith("/fused/" + fused_key.split("/")[-2] + "/0.0"))
+    chosen = parse_setting(fused_key)
+    prior_key = next(key for key in table if parse_setting(key)[:3] == chosen[:3] and "/fused/" in key
+                     and parse_setting(key)[3] == 0.0)
     diff, low, high = paired_bootstrap([float(h) for h in per_question[fused_key]],
                                        [float(h) for h in per_question[prior_key]], strata=sources)
 
-    def refit(key: str, fusion: float) -> AttentionRanker:
-        parts = key.split("/")
-        cal, residual, l2 = parts[0] == "calibrated", parts[1] == "residual", float(parts[3])
+    def refit(key: str) -> AttentionRanker:
+        cal, residual, l2, fusion, power = parse_setting(key)
         flat = fit_weights([features(it, cal) for it in items], [it.evidence for it in items], l2,
                            _feature_mask(shape, cal, sw), offsets=[it.log_prior for it in items] if residual else None)
-        return ranker_from_weights(flat, shape, cal, fusion, sw)
+        return ranker_from_weights(flat, shape, cal, fusion, sw, fusion_power=power)
 
-    fused = refit(fused_key, float(fused_key.split("/")[-1]))
-    alone = refit(alone_key, 1.0)
+    fused = refit(fused_key)
+    alone = refit(alone_key)
     margins = score_end_study(items, fused, k, grounder.config.max_span_tokens)
     margin = max(margins, key=lambda m: (margins[m]["f1"], -float(m)))
     report = {
