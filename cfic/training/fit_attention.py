@@ -31,7 +31,7 @@ import numpy as np
 from cfic.attention import ALONE_FILE, RANKER_FILE, REFERENCE_SENTENCES, AttentionRanker
 from cfic.training.attention_data import AttentionItem
 
-FUSION_GRID = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
+FUSION_GRID = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 # fusion(n) = fusion * (n / REFERENCE_SENTENCES) ** power; 0 is one weight for every document (round 8's fit)
 POWER_GRID = (0.0, -0.5, -1.0, -1.5, -2.0)
 RESIDUAL_FUSION_GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)
