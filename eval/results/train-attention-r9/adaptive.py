@@ -2,30 +2,30 @@
 the prior's distributions are) or on the document's sentence count. Out-of-fold attention log-probabilities from the
 shipped recipe (plain, alone, l2 0.01); the fusion rule's parameters are chosen on four folds' questions and scored on
 the fifth (nested), so the reported hit rate is out of sample for the rule too."""
-import sys, itertools
+import sys
+
 import numpy as np
-from cfic.training import attention_data
-from cfic.training.fit_attention import (features, _feature_mask, fit_weights, _log_softmax, top_hit,
-                                         document_folds, _by_source)
+from common import mean_by_source as _mean
+from common import out_of_fold_attention
+
 from cfic.eval.compare import paired_bootstrap
+from cfic.training import attention_data
+from cfic.training.fit_attention import _by_source, _log_softmax, top_hit
 
 items = list(attention_data.load(sys.argv[1]))
-shape = items[0].attention.shape[:3]
-mask = _feature_mask(shape, False, 15)
-folds = document_folds(items, 5, 0)
-x = [features(it, False) for it in items]
-target = [it.answer if it.answer.any() else it.evidence for it in items]
-att = [None] * len(items)
-for f in range(5):
-    tr = [i for i in range(len(items)) if folds[i] != f]
-    w = fit_weights([x[i] for i in tr], [items[i].evidence for i in tr], 0.01, mask)
-    for i in np.flatnonzero(folds == f):
-        att[i] = _log_softmax(x[i] @ w)
+folds, target, att = out_of_fold_attention(items)
+
 
 def entropy(lp):
-    p = np.exp(lp); return float(-(p * lp).sum())
+    p = np.exp(lp)
+    return float(-(p * lp).sum())
+
+
 def peak(lp):  # gap between best and third best
-    s = np.sort(lp)[::-1]; return float(s[0] - s[min(2, len(s) - 1)])
+    s = np.sort(lp)[::-1]
+    return float(s[0] - s[min(2, len(s) - 1)])
+
+
 feat = {
     "H_att": np.array([entropy(a) / np.log(len(a)) for a in att]),
     "H_prior": np.array([entropy(_log_softmax(it.log_prior)) / np.log(len(it.log_prior)) for it in items]),
@@ -48,7 +48,8 @@ def hits(fu, name, g, idx):
     return out
 
 def mean_by_source(idx, h):
-    return float(np.mean(list(_by_source([items[i] for i in idx], h).values())))
+    return _mean(items, idx, h)
+
 
 rules = [(fu, None, 0.0) for fu in FU] + [(fu, n, g) for fu in FU for n in z for g in G if g != 0.0]
 every = np.arange(len(items))

@@ -4,15 +4,18 @@ over the paragraph's sentences) is added with its own weight next to round 9's f
 log-probabilities (plain, alone, l2 0.01, folded by document); the rule's weights are chosen on four folds'
 questions and scored on the fifth (nested)."""
 import sys
+from pathlib import Path
+
 import numpy as np
+from common import mean_by_source as _mean
+from common import out_of_fold_attention
+
+from cfic.eval.compare import paired_bootstrap
 from cfic.grounder import Grounder
 from cfic.prior import paragraph_bounds
 from cfic.training import attention_data
 from cfic.training.adapter_files import adapter_folder
-from cfic.training.fit_attention import (features, _feature_mask, fit_weights, _log_softmax, top_hit,
-                                         document_folds, _by_source)
-from cfic.eval.compare import paired_bootstrap
-from pathlib import Path
+from cfic.training.fit_attention import _by_source, top_hit
 
 folder = Path(sys.argv[1])
 g = Grounder.from_pretrained(None, adapter=adapter_folder(None, "x"), abstention=None, attention=None)
@@ -20,7 +23,7 @@ examples = attention_data.training_examples(200, 100, 200, n_squad_second=400)
 items, para = [], []
 paths = sorted(p for p in folder.glob("[0-9]*.npz") if ".tmp" not in p.name)
 loaded = list(attention_data.load(folder))
-for path, it in zip(paths, loaded):
+for path, it in zip(paths, loaded, strict=True):
     ex = examples[int(path.stem)][1]
     text = ex.documents[0]
     sents = g.split(text)
@@ -28,19 +31,11 @@ for path, it in zip(paths, loaded):
     starts = np.array([a for a, _ in paragraph_bounds(text)])
     para.append(np.clip(np.searchsorted(starts, [s.start for s in sents], side="right") - 1, 0, None))
     items.append(it)
-print("paragraphs per doc", {s: round(float(np.mean([p.max() + 1 for p, it in zip(para, items) if it.source == s])), 1)
-                             for s in ("nq", "hotpotqa", "squad")}, flush=True)
-shape = items[0].attention.shape[:3]
-mask = _feature_mask(shape, False, 15)
-folds = document_folds(items, 5, 0)
-x = [features(it, False) for it in items]
-target = [it.answer if it.answer.any() else it.evidence for it in items]
-att = [None] * len(items)
-for f in range(5):
-    tr = [i for i in range(len(items)) if folds[i] != f]
-    w = fit_weights([x[i] for i in tr], [items[i].evidence for i in tr], 0.01, mask)
-    for i in np.flatnonzero(folds == f):
-        att[i] = _log_softmax(x[i] @ w)
+counts = {s: [p.max() + 1 for p, it in zip(para, items, strict=True) if it.source == s]
+          for s in ("nq", "hotpotqa", "squad")}
+print("paragraphs per doc", {s: round(float(np.mean(v)), 1) for s, v in counts.items()}, flush=True)
+folds, target, att = out_of_fold_attention(items)
+
 
 def para_term(i):
     a, p = att[i], para[i]
@@ -53,14 +48,15 @@ pt = [para_term(i) for i in range(len(items))]
 def hits(fu, pw, gp, idx):
     out = []
     for i in idx:
-        n = len(att[i]); scale = (n / 64) ** pw
+        scale = (len(att[i]) / 64) ** pw
         s = items[i].log_prior + fu * scale * (att[i] - att[i].max()) + gp * scale * pt[i]
         out.append(top_hit(s, target[i], 3))
     return out
 def mean_by_source(idx, h):
-    return float(np.mean(list(_by_source([items[i] for i in idx], h).values())))
+    return _mean(items, idx, h)
+
 every = np.arange(len(items))
-prior = [top_hit(it.log_prior, t, 3) for it, t in zip(items, target)]
+prior = [top_hit(it.log_prior, t, 3) for it, t in zip(items, target, strict=True)]
 rules_all = [(fu, pw, gp) for fu in (0.0, 1.0, 2.0, 4.0) for pw in (0.0, -1.0, -1.5) for gp in (0.0, 0.5, 1.0, 2.0, 4.0)
              if not (fu == 0 and gp == 0 and pw != 0)]
 for name, rules in (("sentence only", [r for r in rules_all if r[2] == 0.0]), ("with paragraph", rules_all),
@@ -69,8 +65,10 @@ for name, rules in (("sentence only", [r for r in rules_all if r[2] == 0.0]), ("
     for f in range(5):
         tr, te = every[folds != f], every[folds == f]
         best = max(rules, key=lambda r: mean_by_source(tr, hits(*r, tr)))
-        picks.append(best); nested[te] = hits(*best, te)
-    d, lo, hi = paired_bootstrap([float(h) for h in nested], [float(h) for h in prior], strata=[it.source for it in items])
+        picks.append(best)
+        nested[te] = hits(*best, te)
+    d, lo, hi = paired_bootstrap([float(h) for h in nested], [float(h) for h in prior],
+                                 strata=[it.source for it in items])
     print(f"{name}: nested {mean_by_source(every, list(nested)):.4f}",
           {s: round(v, 3) for s, v in _by_source(items, list(nested)).items()},
           f"vs prior {d:+.3f} [{lo:+.3f},{hi:+.3f}] picks {picks}", flush=True)

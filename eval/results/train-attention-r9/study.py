@@ -1,11 +1,22 @@
 """Training-side study: does the attention ranker gain from neighbour features or within-document z-scores?
 Cross-validated by document on cfic fit-attention's material, same objective (top-k hit, mean over sources)."""
-import sys, json
+import json
+import sys
+from pathlib import Path
+
 import numpy as np
+
 from cfic.training import attention_data
-from cfic.training.fit_attention import (features, _feature_mask, fit_weights, _log_softmax, top_hit,
-                                         document_folds, _by_source, FUSION_GRID)
-from cfic.eval.compare import paired_bootstrap
+from cfic.training.fit_attention import (
+    FUSION_GRID,
+    _by_source,
+    _feature_mask,
+    _log_softmax,
+    document_folds,
+    features,
+    fit_weights,
+    top_hit,
+)
 
 items = list(attention_data.load(sys.argv[1]))
 sw = 24 if len(sys.argv) < 3 else int(sys.argv[2])
@@ -15,8 +26,10 @@ EPSL = np.log(1e-4)
 
 def shifted(x, d):
     out = np.full_like(x, EPSL)
-    if d > 0: out[d:] = x[:-d]
-    else: out[:d] = x[-d:]
+    if d > 0:
+        out[d:] = x[:-d]
+    else:
+        out[:d] = x[-d:]
     return out
 
 def variant_features(it, name):
@@ -40,7 +53,7 @@ k = 3
 folds = document_folds(items, 5, 0)
 sources = [it.source for it in items]
 target = [it.answer if it.answer.any() else it.evidence for it in items]
-results, perq = {}, {}
+results = {}
 variants = sys.argv[3].split(",") if len(sys.argv) > 3 else ["base", "z", "base+z", "neighbours"]
 for name in variants:
     xm = [variant_features(it, name) for it in items]
@@ -62,15 +75,15 @@ for name in variants:
         key = f"{name}/{l2}"
         results[key + "/alone"] = _by_source(items, alone)
         for fu in FUSION_GRID:
-            results[f"{key}/{fu}"] = _by_source(items, fused[fu]); perq[f"{key}/{fu}"] = fused[fu]
-            results[f"{key}/{fu}@5"] = _by_source(items, fused5[fu]); perq[f"{key}/{fu}@5"] = fused5[fu]
+            results[f"{key}/{fu}"] = _by_source(items, fused[fu])
+            results[f"{key}/{fu}@5"] = _by_source(items, fused5[fu])
         best = max((kk for kk in results if kk.startswith(key + "/") and "@" not in kk and "alone" not in kk),
                    key=lambda kk: np.mean(list(results[kk].values())))
         print(key, "alone", {s: round(v, 3) for s, v in results[key + "/alone"].items()},
               "best", best, {s: round(v, 3) for s, v in results[best].items()},
               round(float(np.mean(list(results[best].values()))), 4), flush=True)
         for fu in FUSION_GRID:
-            r = results[f"{key}/{fu}"]; r5 = results[f"{key}/{fu}@5"]
+            r, r5 = results[f"{key}/{fu}"], results[f"{key}/{fu}@5"]
             print(f"   fusion {fu}: @3 mean {np.mean(list(r.values())):.4f} nq {r['nq']:.3f} hp {r['hotpotqa']:.3f}"
                   f" sq {r['squad']:.3f} | @5 nq {r5['nq']:.3f} hp {r5['hotpotqa']:.3f} sq {r5['squad']:.3f}")
-json.dump({"results": results}, open(sys.argv[1].rstrip("/") + "-study.json", "w"), indent=1)
+Path(sys.argv[1].rstrip("/") + "-study.json").write_text(json.dumps({"results": results}, indent=1))
