@@ -42,6 +42,12 @@ CONTENT_FREE_QUESTION = "N/A"
 REFERENCE_SENTENCES = 64
 
 
+def fusion_weight(fusion: float, power: float, sentences: int) -> float:
+    """``fusion * (sentences / REFERENCE_SENTENCES) ** power``: the one rule the search applies and ``cfic
+    fit-attention`` cross-validates."""
+    return fusion * (max(sentences, 1) / REFERENCE_SENTENCES) ** power
+
+
 @dataclass(frozen=True, eq=False)
 class AttentionRanker(SameByDigest):
     """``score = sum(weights * log(mass + eps)) [+ sum(null_weights * log(null mass + eps))] + length_weight *
@@ -111,14 +117,15 @@ class AttentionRanker(SameByDigest):
 
     def fusion_at(self, sentences: int) -> float:
         """The fusion weight in a window of ``sentences`` sentences."""
-        return self.fusion * (max(sentences, 1) / REFERENCE_SENTENCES) ** self.fusion_power
+        return fusion_weight(self.fusion, self.fusion_power, sentences)
 
     def fused(self, log_prior: torch.Tensor, first: int, attention: SentenceAttention,
               null: SentenceAttention | None = None) -> torch.Tensor:
-        """A document's log prior with the window's sentences ``[first, first + n)`` lowered by ``fusion`` times
-        how far each one's attention log-probability lies below the window's best (a copy; other sentences keep
-        their prior). Measured from the best rather than as a log-probability, so a window's many sentences do not
-        lower all of them (documents of different lengths stay comparable) and the ranking inside it is the same."""
+        """A document's log prior with the window's sentences ``[first, first + n)`` lowered by :meth:`fusion_at`
+        ``(n)`` times how far each one's attention log-probability lies below the window's best (a copy; other
+        sentences keep their prior). Measured from the best rather than as a log-probability, so a window's many
+        sentences do not lower all of them (documents of different lengths stay comparable) and the ranking inside
+        it is the same."""
         out = log_prior.clone()
         n = attention.num_sentences
         lp = self.log_probabilities(attention, null)

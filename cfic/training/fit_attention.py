@@ -28,11 +28,11 @@ from typing import Any
 
 import numpy as np
 
-from cfic.attention import ALONE_FILE, RANKER_FILE, REFERENCE_SENTENCES, AttentionRanker
+from cfic.attention import ALONE_FILE, RANKER_FILE, AttentionRanker, fusion_weight
 from cfic.training.attention_data import AttentionItem
 
 FUSION_GRID = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
-# fusion(n) = fusion * (n / REFERENCE_SENTENCES) ** power; 0 is one weight for every document (round 8's fit)
+# fusion(n) = fusion * (n / 64) ** power (cfic.attention.fusion_weight); 0 is one weight for every document
 POWER_GRID = (0.0, -0.5, -1.0, -1.5, -2.0)
 RESIDUAL_FUSION_GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)
 L2_GRID = (3e-3, 1e-2, 3e-2, 1e-1)
@@ -163,9 +163,8 @@ def cross_validate(items: Sequence[AttentionItem], calibrated: bool, swiftkv_lay
             for i in np.flatnonzero(fold == f):
                 a = _log_softmax(x[i] @ w)
                 alone[i] = top_hit(a, target[i], k)
-                scale = len(a) / REFERENCE_SENTENCES
                 for fu, p in fused:
-                    fused[fu, p][i] = top_hit(items[i].log_prior + fu * scale ** p * a, target[i], k)
+                    fused[fu, p][i] = top_hit(items[i].log_prior + fusion_weight(fu, p, len(a)) * a, target[i], k)
         hits[f"attention/{l2}"] = alone
         for (fu, p), h in fused.items():
             if fu or not p:  # fusion 0 is the prior alone whatever the power
@@ -240,9 +239,8 @@ def fit_attention(material: str | Path = "runs/attention", n_nq: int = 200, n_ho
         return plain
 
     fused_key, alone_key = best("fused"), best("attention")
-    chosen = parse_setting(fused_key)
-    prior_key = next(key for key in table if parse_setting(key)[:3] == chosen[:3] and "/fused/" in key
-                     and parse_setting(key)[3] == 0.0)
+    prior_setting = (*parse_setting(fused_key)[:3], 0.0)  # the chosen variant and l2 at fusion 0: the prior alone
+    prior_key = next(key for key in table if "/fused/" in key and parse_setting(key)[:4] == prior_setting)
     diff, low, high = paired_bootstrap([float(h) for h in per_question[fused_key]],
                                        [float(h) for h in per_question[prior_key]], strata=sources)
 
