@@ -181,7 +181,8 @@ def _response(rid: str, outcome: JobOutcome, arrived: float) -> GroundResponse:
         input_tokens=r.usage.input_tokens, cached_tokens=outcome.cached_tokens,
         latency_ms=round((time.monotonic() - arrived) * 1000, 3),
         stages_ms=StagesOut(queue_ms=round(outcome.queue_ms, 3), encode_ms=round(outcome.encode_ms, 3),
-                            prefix_ms=round(r.usage.prefix_ms, 3), skip_ms=round(r.usage.skip_ms, 3)),
+                            reading_ms=round(r.usage.reading_ms, 3), prefix_ms=round(r.usage.prefix_ms, 3),
+                            skip_ms=round(r.usage.skip_ms, 3)),
     )
     documents = None
     if outcome.retrieved is not None:

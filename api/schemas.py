@@ -233,6 +233,8 @@ class StagesOut(BaseModel):
 
     queue_ms: float = Field(description="Waiting for the model worker.")
     encode_ms: float = Field(description="Document prefill spent for this request (0 on a cache hit).")
+    reading_ms: float = Field(0.0, description="The LM reading the prior's best paragraphs with the question "
+                                               "(paragraph question likelihood).")
     prefix_ms: float = Field(description="Constrained prefix search.")
     skip_ms: float = Field(description="Skip decoding (where each span ends).")
 

@@ -11,6 +11,7 @@ from cfic.prior import Abstention, PriorWeights
 
 if TYPE_CHECKING:  # cfic.attention imports torch; the configuration stays importable without it
     from cfic.attention import AttentionRanker
+    from cfic.question_likelihood import QuestionLikelihood
 
 DEFAULT_INSTRUCTION = (
     "Read the document, then copy, word for word, the sentences of the document that answer the question. "
@@ -52,6 +53,9 @@ class GroundingConfig:
     ``attention``: the fitted attention ranker (:mod:`cfic.attention`): the question pass's attention over the
     sentences, fused with the prior in the start search; ``None`` ranks starts by the prior alone. Comes with the
     adapter too (it belongs to the weights whose heads it reads); it needs a ``prior`` to fuse with.
+    ``question_likelihood``: the fitted paragraph reading (:mod:`cfic.question_likelihood`): before the start
+    search the LM reads the prior's best paragraphs, each alone with the question after it, and the question's
+    log-likelihood re-weights their sentences' prior (UPR). Comes with the adapter; ``None`` skips the reading.
     ``hops``: 2 searches a second time with the first hop's best span appended to the question (one more question
     pass over the cached encodings, no new prefill) and returns that span followed by the second hop's best spans
     outside it: a multi-hop question's bridge sentence, then what the bridge points to. Needs a ``prior``.
@@ -94,6 +98,7 @@ class GroundingConfig:
     prior: PriorWeights | None = None
     abstention: Abstention | None = None
     attention: AttentionRanker | None = None
+    question_likelihood: QuestionLikelihood | None = None
     hops: int = 1
     score_end_margin: float | None = None
 
@@ -124,6 +129,9 @@ class GroundingConfig:
             raise CficError(f"abstention must be an Abstention or None, got {type(self.abstention).__name__}")
         if self.attention is not None and not hasattr(self.attention, "fused"):
             raise CficError(f"attention must be an AttentionRanker or None, got {type(self.attention).__name__}")
+        if self.question_likelihood is not None and not hasattr(self.question_likelihood, "max_passage_tokens"):
+            raise CficError("question_likelihood must be a QuestionLikelihood or None, got "
+                            f"{type(self.question_likelihood).__name__}")
         if self.ffn_skip is not None:
             if isinstance(self.ffn_skip, bool) or not isinstance(self.ffn_skip, (int, float)) \
                     or not 0.0 < self.ffn_skip <= 1.0:

@@ -40,7 +40,8 @@ from cfic.decoding.swiftkv import SwiftKV, configure_swiftkv, load_swiftkv
 from cfic.documents import as_document
 from cfic.errors import CficError, GroundingCancelled
 from cfic.models import LoadedModel, adapter_settings, eos_token_ids, load_model
-from cfic.prior import SentencePrior, abstention_features
+from cfic.prior import SentencePrior, abstention_features, paragraph_bounds
+from cfic.question_likelihood import QuestionLikelihood, best_paragraphs, question_log_likelihoods, reading_terms
 from cfic.text import Sentence, split_sentences
 from cfic.types import Document, Evidence, GroundingResult, Usage
 
@@ -99,6 +100,7 @@ class GroundOptions(TypedDict, total=False):
     skip_decoding: bool
     use_prior: bool
     use_attention: bool
+    use_question_likelihood: bool
     abstain: bool | None
     cancel: Callable[[], bool] | None
     on_read: Callable[[int, DocumentEncoding], None] | None
@@ -268,10 +270,11 @@ class Grounder:
         ``options`` are :meth:`ground_batch`'s: ``top_k``, ``max_span_tokens``, ``threshold`` (per call, else the
         configuration's); ``skip_decoding=False`` runs the greedy span-end ablation; ``use_prior=False`` the
         pure-LM prefix search even when the configuration has a prior; ``use_attention=False`` ranks starts by the
-        prior alone even when the configuration has an attention ranker; ``abstain`` acts on the ``no_evidence``
-        model (default: as its settings say, ``enabled``; ``False`` still reports its probability but always
-        returns the evidence); ``cancel`` is asked between encode batches and between windows, True stops with
-        :class:`~cfic.errors.GroundingCancelled`."""
+        prior alone even when the configuration has an attention ranker; ``use_question_likelihood=False`` skips the
+        paragraph reading (:mod:`cfic.question_likelihood`) even when the configuration has one; ``abstain`` acts
+        on the ``no_evidence`` model (default: as its settings say, ``enabled``; ``False`` still reports its
+        probability but always returns the evidence); ``cancel`` is asked between encode batches and between
+        windows, True stops with :class:`~cfic.errors.GroundingCancelled`."""
         return self.ground_batch([query], documents, **options)[0]
 
     def ground_batch(
@@ -287,6 +290,7 @@ class Grounder:
         skip_decoding: bool = True,
         use_prior: bool = True,
         use_attention: bool = True,
+        use_question_likelihood: bool = True,
         abstain: bool | None = None,
         cancel: Callable[[], bool] | None = None,
         on_read: Callable[[int, DocumentEncoding], None] | None = None,
@@ -315,6 +319,13 @@ class Grounder:
         signals = [self._signals(q, encodings) if use_prior else None for q in queries]
         log_priors = [None if sig is None or cfg.prior is None else SentencePrior.log_priors(sig, cfg.prior)
                       for sig in signals]
+        reading_ms = [0.0] * len(queries)
+        if cfg.question_likelihood is not None and use_question_likelihood:
+            for qi, lp in enumerate(log_priors):
+                if lp is not None:
+                    t = time.perf_counter()
+                    log_priors[qi] = self._read_paragraphs(queries[qi], encodings, lp, cfg.question_likelihood)
+                    reading_ms[qi] = (time.perf_counter() - t) * 1000
         # Acting on the abstention model reads every document: its features are minimums over all windows.
         acting = cfg.abstention is not None and (cfg.abstention.enabled if abstain is None else abstain)
         orders = [None if acting else self._reading_order(lp, cfg) for lp in log_priors]
@@ -325,12 +336,12 @@ class Grounder:
             if on_read is not None:
                 for j in sorted(fresh):
                     on_read(j, encodings[j])
-        setup_ms = (time.perf_counter() - t0) * 1000
+        setup_ms = (time.perf_counter() - t0) * 1000 - sum(reading_ms)  # each question's reading is its own
         probe = cfg.abstention.probe if cfg.abstention is not None else None
         results = []
         for qi, (query, ids) in enumerate(zip(queries, query_ids, strict=True)):
             t1 = time.perf_counter()
-            usage = Usage(encode_ms=setup_ms if qi == 0 else 0.0)
+            usage = Usage(encode_ms=setup_ms if qi == 0 else 0.0, reading_ms=reading_ms[qi])
             read_here = set(fresh) if qi == 0 else set()
             order = orders[qi]
             spans: list[_Span] = []
@@ -374,7 +385,7 @@ class Grounder:
             usage.cached_tokens = sum(encodings[j].n_tokens for j in used if j not in read_here)
             usage.input_tokens = sum(encodings[j].n_tokens + len(ids) * len(encodings[j].windows) for j in used)
             # reads inside the loop are already in the wall time since t1; the up-front work is not
-            usage.latency_ms = (time.perf_counter() - t1) * 1000 + (setup_ms if qi == 0 else 0.0)
+            usage.latency_ms = (time.perf_counter() - t1) * 1000 + (setup_ms if qi == 0 else 0.0) + reading_ms[qi]
             results.append(GroundingResult(query, self.model_name, evidence, not evidence, usage, p_none))
         return results
 
@@ -400,6 +411,20 @@ class Grounder:
                     scores[window.first: window.last] = ranker.log_probabilities(attention, null).numpy()
                 out.append(scores)
         return out
+
+    def _read_paragraphs(self, query: str, planned: list[DocumentEncoding | DocumentPlan], log_priors: list,
+                         reading: QuestionLikelihood) -> list:
+        """The log priors re-weighted by the LM's question likelihood given each of the prior's best paragraphs
+        (:mod:`cfic.question_likelihood`); reads raw paragraph text, so it needs no document encoding."""
+        paragraph_of = [e.features.paragraph_of for e in planned]
+        read = best_paragraphs(log_priors, paragraph_of, reading.paragraphs)
+        if len(read) < 2:  # one paragraph: nothing to compare
+            return log_priors
+        bounds = [paragraph_bounds(e.text) for e in planned]
+        texts = [planned[d].text[slice(*bounds[d][j])].strip() for d, j in read]
+        ll = question_log_likelihoods(self.loaded.model, self.tokenizer, texts, query, reading.max_passage_tokens)
+        terms = reading_terms(ll, read, paragraph_of, reading.weight)
+        return [lp + t for lp, t in zip(log_priors, terms, strict=True)]
 
     def _signals(self, query: str, planned: list[DocumentEncoding | DocumentPlan]) -> list | None:
         """The prior's per-sentence signals for each document, or None when the configuration has no prior."""

@@ -80,9 +80,9 @@ def adapter_threshold(adapter: str | os.PathLike | None) -> float | None:
 
 def adapter_settings(adapter: str | os.PathLike | None, skip: Collection[str] = ()) -> dict[str, object]:
     """GroundingConfig options fitted with an adapter (its ``cfic.json``): ``threshold``, ``prior``,
-    ``abstention`` and ``attention`` (the attention ranker's file), each present only when the file sets it. Scores
-    belong to the weights that produced them, so these travel with the adapter. ``skip``: settings the caller
-    overrides, not read (so a fit can replace a missing or broken file of its own)."""
+    ``abstention``, ``attention`` (the attention ranker's file) and ``question_likelihood``, each present only when
+    the file sets it. Scores belong to the weights that produced them, so these travel with the adapter. ``skip``:
+    settings the caller overrides, not read (so a fit can replace a missing or broken file of its own)."""
     from cfic.prior import Abstention, PriorWeights
 
     if adapter is None:
@@ -107,6 +107,10 @@ def adapter_settings(adapter: str | os.PathLike | None, skip: Collection[str] = 
             from cfic.attention import AttentionRanker
 
             out["attention"] = AttentionRanker.load(Path(adapter) / str(data["attention"]["file"]))
+        if isinstance(data.get("question_likelihood"), dict) and "question_likelihood" not in skip:
+            from cfic.question_likelihood import QuestionLikelihood
+
+            out["question_likelihood"] = QuestionLikelihood.from_dict(data["question_likelihood"])
     except (ValueError, TypeError, KeyError) as exc:
         raise ModelLoadError(f"{path}: {exc}") from exc
     return out

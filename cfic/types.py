@@ -47,6 +47,7 @@ class Usage:
     encode_ms: float = 0.0
     prefix_ms: float = 0.0
     skip_ms: float = 0.0
+    reading_ms: float = 0.0  # the paragraph question-likelihood reading (cfic.question_likelihood)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -12,6 +12,7 @@ Each method turns (question, documents) into evidence :class:`~cfic.eval.metrics
 * ``attention`` — the attention ranker alone (the LM's question pass over cfic's encoding, no prior): the top
   sentences by its log-probability. ``cfic-no-attention`` — cfic with the start search ranked by the prior alone
   (the attention ranker off): with ``prior`` and ``attention``, what the fusion adds over each part.
+  ``cfic-no-reading`` — cfic without the paragraph question-likelihood reading (:mod:`cfic.question_likelihood`).
 * ``cfic-score-end`` — cfic with spans ended by the search's own scores (``score_end_margin`` from the adapter's
   fit), no teacher-forced pass: the cheap span end next to skip decoding, on the same encodings.
 * ``cfic-hop2`` — cfic with a second hop (``hops=2``: search again with the first evidence in the question, on the
@@ -266,12 +267,13 @@ class CficMethod(Method):
 
     def __init__(self, name: str, skip_decoding: bool, threshold: float | None = None,
                  use_prior: bool = True, max_span_tokens: int | None = None, use_attention: bool = True,
-                 hops: int | None = None, score_end: bool = False) -> None:
+                 hops: int | None = None, score_end: bool = False, use_question_likelihood: bool = True) -> None:
         self.name = name
         self.skip_decoding = skip_decoding
         self.threshold = threshold
         self.use_prior = use_prior
         self.use_attention = use_attention
+        self.use_question_likelihood = use_question_likelihood
         self.hops = hops  # per call (None: the configuration's)
         self.score_end = score_end  # end spans by the search's scores, at the adapter's fitted margin
         self.max_span_tokens = max_span_tokens  # per call (None: the configuration's); same encodings as cfic
@@ -287,12 +289,13 @@ class CficMethod(Method):
         result = grounder.ground(example.question, state, skip_decoding=self.skip_decoding,
                                  threshold=self.threshold, use_prior=self.use_prior, abstain=False,
                                  max_span_tokens=self.max_span_tokens, use_attention=self.use_attention,
-                                 hops=self.hops,
+                                 hops=self.hops, use_question_likelihood=self.use_question_likelihood,
                                  score_end_margin=ctx.score_end_margin if self.score_end else None)
         spans = [Span(e.document_index, e.start_char, e.end_char, e.text) for e in result.evidence]
         chosen = {(e.document_index, i) for e in result.evidence
                   for i in range(e.sentence_start, e.sentence_end)}
-        stages = {"prefix_ms": result.usage.prefix_ms, "skip_ms": result.usage.skip_ms}
+        stages = {"prefix_ms": result.usage.prefix_ms, "skip_ms": result.usage.skip_ms,
+                  "reading_ms": result.usage.reading_ms}
         p_none = result.no_evidence_probability
         abstention = grounder.config.abstention
         abstained = (p_none is not None and abstention is not None and abstention.enabled
@@ -530,6 +533,7 @@ def make_methods(names: Sequence[str], *, generate_max_tokens: int = GENERATE_MA
         "cfic-lm-only": lambda: CficMethod("cfic-lm-only", True, threshold, use_prior=False),
         "cfic-no-skip": lambda: CficMethod("cfic-no-skip", False, threshold),
         "cfic-no-attention": lambda: CficMethod("cfic-no-attention", True, threshold, use_attention=False),
+        "cfic-no-reading": lambda: CficMethod("cfic-no-reading", True, threshold, use_question_likelihood=False),
         HOP_METHOD: lambda: CficMethod(HOP_METHOD, True, threshold, hops=2),
         SCORE_END_METHOD: lambda: CficMethod(SCORE_END_METHOD, True, threshold, score_end=True),
         "prior": PriorMethod,

@@ -226,7 +226,7 @@ def _round(value: float | None, digits: int = 4) -> float | None:
     return round(value, digits)
 
 
-STAGES = ("encode_ms", "prefix_ms", "skip_ms", "generate_ms")
+STAGES = ("encode_ms", "reading_ms", "prefix_ms", "skip_ms", "generate_ms")
 
 
 def aggregate(scores: Sequence[ExampleScore], *, with_no_evidence: bool) -> dict[str, float | int | None]:

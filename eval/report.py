@@ -39,10 +39,11 @@ def markdown_table(report: dict[str, Any]) -> str:
             "verbatim"]
     if with_ne:
         head.append("no-evidence acc.")
-    head += ["p50 ms", "p95 ms", "encode / prefix / skip p50 ms"]
+    head += ["p50 ms", "p95 ms", "encode / reading / prefix / skip p50 ms"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for name, r in rows.items():
-        stages = " / ".join(_fmt(r.get(f"{s}_p50"), "int") for s in ("encode_ms", "prefix_ms", "skip_ms"))
+        stages = " / ".join(_fmt(r.get(f"{s}_p50"), "int") for s in ("encode_ms", "reading_ms", "prefix_ms",
+                                                                      "skip_ms"))
         cells = [f"`{name}`", _fmt(r["answer_recall"]), _fmt(r["sentence_precision"]),
                  _fmt(r["sentence_recall"]), _fmt(r["sentence_f1"]), _fmt(r["evidence_tokens"], "float"),
                  _fmt(r["compression"], "x"), _fmt(r["verbatim_rate"])]

@@ -62,6 +62,7 @@ class Timings:
     warm_ms: list[float] = field(default_factory=list)
     prefix_ms: list[float] = field(default_factory=list)
     skip_ms: list[float] = field(default_factory=list)
+    reading_ms: list[float] = field(default_factory=list)
     evidence: list[Evidence] = field(default_factory=list)
 
     def cold(self, grounder: Any, document: str, question: str) -> Any:
@@ -83,6 +84,7 @@ class Timings:
         self.warm_ms.append(result.usage.latency_ms)
         self.prefix_ms.append(result.usage.prefix_ms)
         self.skip_ms.append(result.usage.skip_ms)
+        self.reading_ms.append(result.usage.reading_ms)
         self.evidence.append(evidence_of(result))
 
     def same_evidence_rate(self, other: Timings) -> float:
