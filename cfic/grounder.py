@@ -100,7 +100,7 @@ class GroundOptions(TypedDict, total=False):
     skip_decoding: bool
     use_prior: bool
     use_attention: bool
-    use_question_likelihood: bool
+    use_question_likelihood: bool | None
     abstain: bool | None
     cancel: Callable[[], bool] | None
     on_read: Callable[[int, DocumentEncoding], None] | None
@@ -270,11 +270,11 @@ class Grounder:
         ``options`` are :meth:`ground_batch`'s: ``top_k``, ``max_span_tokens``, ``threshold`` (per call, else the
         configuration's); ``skip_decoding=False`` runs the greedy span-end ablation; ``use_prior=False`` the
         pure-LM prefix search even when the configuration has a prior; ``use_attention=False`` ranks starts by the
-        prior alone even when the configuration has an attention ranker; ``use_question_likelihood=False`` skips the
-        paragraph reading (:mod:`cfic.question_likelihood`) even when the configuration has one; ``abstain`` acts
-        on the ``no_evidence`` model (default: as its settings say, ``enabled``; ``False`` still reports its
-        probability but always returns the evidence); ``cancel`` is asked between encode batches and between
-        windows, True stops with :class:`~cfic.errors.GroundingCancelled`."""
+        prior alone even when the configuration has an attention ranker; ``use_question_likelihood`` reads the prior's
+        best paragraphs first (:mod:`cfic.question_likelihood`; default: as its settings say, ``enabled``; True needs
+        one in the configuration); ``abstain`` acts on the ``no_evidence`` model (default: as its settings say,
+        ``enabled``; ``False`` still reports its probability but always returns the evidence); ``cancel`` is asked
+        between encode batches and between windows, True stops with :class:`~cfic.errors.GroundingCancelled`."""
         return self.ground_batch([query], documents, **options)[0]
 
     def ground_batch(
@@ -290,7 +290,7 @@ class Grounder:
         skip_decoding: bool = True,
         use_prior: bool = True,
         use_attention: bool = True,
-        use_question_likelihood: bool = True,
+        use_question_likelihood: bool | None = None,
         abstain: bool | None = None,
         cancel: Callable[[], bool] | None = None,
         on_read: Callable[[int, DocumentEncoding], None] | None = None,
@@ -306,6 +306,8 @@ class Grounder:
             cfg = cfg.with_options(attention=None)
         if not use_prior and (cfg.hops > 1 or cfg.score_end_margin is not None):
             raise CficError("hops=2 and score_end_margin rank by the sentence prior: they need use_prior=True")
+        if use_question_likelihood and cfg.question_likelihood is None:
+            raise CficError("use_question_likelihood=True needs a question_likelihood in the configuration")
         if not skip_decoding and cfg.score_end_margin is not None:
             raise CficError("skip_decoding=False (the greedy span end) and score_end_margin exclude each other")
         queries = list(queries)
@@ -320,7 +322,8 @@ class Grounder:
         log_priors = [None if sig is None or cfg.prior is None else SentencePrior.log_priors(sig, cfg.prior)
                       for sig in signals]
         reading_ms = [0.0] * len(queries)
-        if cfg.question_likelihood is not None and use_question_likelihood:
+        reading = cfg.question_likelihood
+        if reading is not None and (reading.enabled if use_question_likelihood is None else use_question_likelihood):
             for qi, lp in enumerate(log_priors):
                 if lp is not None:
                     t = time.perf_counter()

@@ -6,7 +6,9 @@ start search: the ``paragraphs`` paragraphs holding the prior's best sentences (
 with the question after them, in one batched forward, and every sentence's log prior gets
 ``weight * (z - max z)`` of its paragraph's standardised mean question log-probability (paragraphs not read get the
 lowest read value). The term is at most 0, so best-first reading's bound (the adjusted prior of a document's best
-sentence) holds as before. The weight was fitted on training questions only (``eval/results/train-query-likelihood``).
+sentence) holds as before. The weight was fitted on training questions only (``eval/results/train-query-likelihood``);
+the bundled adapter ships it switched off (``enabled``): with the attention ranker already in the start search it
+bought +1 point of NQ answer recall and lost 4.4 on HotpotQA for ~0.7 s per question (BENCHMARKS.md, round 10).
 
 Why paragraphs and not the whole-document encoding: a question pass over the document conditions on all of it, so
 its likelihood cannot say which paragraph made the question likely; a paragraph read alone can. The evidence still
@@ -30,11 +32,14 @@ QUESTION_TEXT = " {question}"
 @dataclass(frozen=True)
 class QuestionLikelihood:
     """The fitted reading: ``weight`` on the standardised paragraph question log-likelihood, ``paragraphs`` read per
-    question, each cut to its last ``max_passage_tokens`` tokens (with the prompt)."""
+    question, each cut to its last ``max_passage_tokens`` tokens (with the prompt). ``enabled``: whether grounding
+    reads by default (``ground(use_question_likelihood=...)`` decides per call); the bundled adapter ships it
+    fitted but off — on the training side it did not earn its cost (BENCHMARKS.md, round 10)."""
 
     weight: float
     paragraphs: int = 8
     max_passage_tokens: int = 400
+    enabled: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or not 0.0 <= self.weight < 1e6:
@@ -43,13 +48,16 @@ class QuestionLikelihood:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise CficError(f"question_likelihood {name} must be a positive integer, got {value!r}")
+        if not isinstance(self.enabled, bool):
+            raise CficError(f"question_likelihood enabled must be true or false, got {self.enabled!r}")
 
-    def to_dict(self) -> dict[str, float | int]:
+    def to_dict(self) -> dict[str, float | int | bool]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> QuestionLikelihood:
-        return cls(float(data["weight"]), int(data.get("paragraphs", 8)), int(data.get("max_passage_tokens", 400)))
+        return cls(float(data["weight"]), int(data.get("paragraphs", 8)), int(data.get("max_passage_tokens", 400)),
+                   data.get("enabled", True))
 
 
 def question_log_likelihoods(model: torch.nn.Module, tokenizer, passages: Sequence[str], question: str,

@@ -12,7 +12,8 @@ Each method turns (question, documents) into evidence :class:`~cfic.eval.metrics
 * ``attention`` — the attention ranker alone (the LM's question pass over cfic's encoding, no prior): the top
   sentences by its log-probability. ``cfic-no-attention`` — cfic with the start search ranked by the prior alone
   (the attention ranker off): with ``prior`` and ``attention``, what the fusion adds over each part.
-  ``cfic-no-reading`` — cfic without the paragraph question-likelihood reading (:mod:`cfic.question_likelihood`).
+  ``cfic-reading`` — cfic with the paragraph question-likelihood reading on (:mod:`cfic.question_likelihood`; the
+  bundled adapter ships it fitted, switched off).
 * ``cfic-score-end`` — cfic with spans ended by the search's own scores (``score_end_margin`` from the adapter's
   fit), no teacher-forced pass: the cheap span end next to skip decoding, on the same encodings.
 * ``cfic-hop2`` — cfic with a second hop (``hops=2``: search again with the first evidence in the question, on the
@@ -61,6 +62,7 @@ METHOD_NAMES = ("cfic", "cfic-lm-only", "cfic-no-skip", "cfic-zero-shot", "prior
 # Not among the defaults (they need an attention ranker, which only some adapters bring): the fusion's two parts.
 ATTENTION_METHODS = ("attention", "cfic-no-attention")
 HOP_METHOD = "cfic-hop2"
+READING_METHOD = "cfic-reading"  # cfic with the paragraph question-likelihood reading switched on
 SCORE_END_METHOD = "cfic-score-end"
 # Not among the defaults: the main cfic grounder with acceleration options (``cfic evaluate --swiftkv ...``), its own
 # row next to ``cfic`` so that the recall an acceleration costs gets a paired interval in one run.
@@ -267,7 +269,8 @@ class CficMethod(Method):
 
     def __init__(self, name: str, skip_decoding: bool, threshold: float | None = None,
                  use_prior: bool = True, max_span_tokens: int | None = None, use_attention: bool = True,
-                 hops: int | None = None, score_end: bool = False, use_question_likelihood: bool = True) -> None:
+                 hops: int | None = None, score_end: bool = False,
+                 use_question_likelihood: bool | None = None) -> None:
         self.name = name
         self.skip_decoding = skip_decoding
         self.threshold = threshold
@@ -533,7 +536,7 @@ def make_methods(names: Sequence[str], *, generate_max_tokens: int = GENERATE_MA
         "cfic-lm-only": lambda: CficMethod("cfic-lm-only", True, threshold, use_prior=False),
         "cfic-no-skip": lambda: CficMethod("cfic-no-skip", False, threshold),
         "cfic-no-attention": lambda: CficMethod("cfic-no-attention", True, threshold, use_attention=False),
-        "cfic-no-reading": lambda: CficMethod("cfic-no-reading", True, threshold, use_question_likelihood=False),
+        READING_METHOD: lambda: CficMethod(READING_METHOD, True, threshold, use_question_likelihood=True),
         HOP_METHOD: lambda: CficMethod(HOP_METHOD, True, threshold, hops=2),
         SCORE_END_METHOD: lambda: CficMethod(SCORE_END_METHOD, True, threshold, score_end=True),
         "prior": PriorMethod,
@@ -558,7 +561,7 @@ def make_methods(names: Sequence[str], *, generate_max_tokens: int = GENERATE_MA
     return out
 
 
-_ALL = (*METHOD_NAMES, *ATTENTION_METHODS, HOP_METHOD, SCORE_END_METHOD, ACCEL_METHOD)
+_ALL = (*METHOD_NAMES, *ATTENTION_METHODS, HOP_METHOD, READING_METHOD, SCORE_END_METHOD, ACCEL_METHOD)
 
 
 def span_budget_of(name: str) -> int | None:

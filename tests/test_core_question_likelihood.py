@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -66,10 +68,10 @@ def test_reading_terms_are_at_most_zero_and_order_paragraphs_by_likelihood():
 
 
 def test_settings_are_checked_and_round_trip():
-    q = QuestionLikelihood(2.5, 6, 300)
+    q = QuestionLikelihood(2.5, 6, 300, enabled=False)
     assert QuestionLikelihood.from_dict(q.to_dict()) == q
     for bad in ({"weight": -1.0}, {"weight": True}, {"weight": 1.0, "paragraphs": 0},
-                {"weight": 1.0, "max_passage_tokens": 2.5}):
+                {"weight": 1.0, "max_passage_tokens": 2.5}, {"weight": 1.0, "enabled": "no"}):
         with pytest.raises(CficError):
             QuestionLikelihood(**bad)
     with pytest.raises(CficError):
@@ -98,5 +100,25 @@ def test_a_heavy_reading_starts_in_the_paragraph_the_lm_finds_the_question_most_
     assert paragraph(read.evidence[0]) == int(np.argmax(ll))
     assert [e.text for e in off.evidence] == [e.text for e in base.evidence]
     assert off.usage.reading_ms == 0.0 and read.usage.reading_ms > 0.0
+    # shipped switched off, it reads only when asked; without a reading configured, asking is an error
+    dormant = Grounder(tiny_loaded, GroundingConfig(prior=prior, top_k=1, question_likelihood=QuestionLikelihood(
+        1e5, paragraphs=4, enabled=False)))
+    assert [e.text for e in dormant.ground(QUESTION, [DOC]).evidence] == [e.text for e in base.evidence]
+    asked = dormant.ground(QUESTION, [DOC], use_question_likelihood=True)
+    assert [e.text for e in asked.evidence] == [e.text for e in read.evidence]
+    with pytest.raises(CficError):
+        plain.ground(QUESTION, [DOC], use_question_likelihood=True)
     for e in read.evidence:
         assert DOC[e.start_char:e.end_char] == e.text
+
+
+def test_adapter_settings_bring_the_reading_and_reject_a_broken_one(tmp_path):
+    from cfic.models import ModelLoadError, adapter_settings
+
+    (tmp_path / "cfic.json").write_text(json.dumps({"question_likelihood": {"weight": 3.0, "paragraphs": 4}}))
+    assert adapter_settings(tmp_path)["question_likelihood"] == QuestionLikelihood(3.0, 4, 400)
+    assert "question_likelihood" not in adapter_settings(tmp_path, skip={"question_likelihood"})
+    for broken in ({"weight": "x"}, {"weight": -1.0}, {"paragraphs": 4}, {"weight": 1.0, "enabled": 1}):
+        (tmp_path / "cfic.json").write_text(json.dumps({"question_likelihood": broken}))
+        with pytest.raises(ModelLoadError):
+            adapter_settings(tmp_path)

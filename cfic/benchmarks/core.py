@@ -110,10 +110,11 @@ def run_core_bench(model: str | None, doc_tokens: int, n_docs: int, n_questions:
 
         grounders[f"{dtypes[0]}, no attention"] = Grounder(first.loaded, first.config.with_options(attention=None),
                                                            first.swiftkv, sentence_prior=first.sentence_prior)
-        if first.config.question_likelihood is not None:
-            grounders[f"{dtypes[0]}, no reading"] = Grounder(
-                first.loaded, first.config.with_options(question_likelihood=None), first.swiftkv,
-                sentence_prior=first.sentence_prior)
+        reading = first.config.question_likelihood
+        if reading is not None:  # the paragraph reading, in the state the adapter does not ship
+            flipped = first.config.with_options(question_likelihood=replace(reading, enabled=not reading.enabled))
+            grounders[f"{dtypes[0]}, reading {'off' if reading.enabled else 'on'}"] = Grounder(
+                first.loaded, flipped, first.swiftkv, sentence_prior=first.sentence_prior)
         margin = adapter_attention_entry(first.loaded.adapter).get("score_end_margin")
         if isinstance(margin, (int, float)):
             grounders[f"{dtypes[0]}, score end"] = Grounder(

@@ -1,0 +1,82 @@
+"""Training-side study: does the LM's question likelihood given a paragraph (UPR, Sachan et al. 2022) rank the
+answer paragraph better than the sentence prior?  NQ train questions after fit-prior's (offset 460), HotpotQA
+train.  Writes per-question scores to an npz folder (resumable) and prints top-k hit rates."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from cfic import Grounder
+from cfic.eval import load_split
+from cfic.eval.metrics import contains_answer
+from cfic.prior import SentencePrior, paragraph_bounds
+
+OUT = Path(__file__).parent / "material"
+TOP_M = 8
+PROMPTS = {
+    "upr": ("Passage: {p}\nPlease write a question based on this passage.\nQuestion:", " {q}"),
+}
+
+
+def question_log_likelihood(model, tok, passages: list[str], question: str, prompt: tuple[str, str]) -> np.ndarray:
+    """Mean log p(question tokens | prompt with passage), one forward per passage, batched, right padded."""
+    head, tail = prompt
+    rows, starts = [], []
+    q_ids = tok(tail.format(q=question), add_special_tokens=False)["input_ids"]
+    for p in passages:
+        p_ids = tok(head.format(p=p), add_special_tokens=False)["input_ids"][-400:]
+        rows.append(p_ids + q_ids)
+        starts.append(len(p_ids))
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), tok.eos_token_id or 0, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    with torch.inference_mode():
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+    lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
+    out = []
+    for i, s in enumerate(starts):
+        out.append(float(lp[i, s - 1: s - 1 + len(q_ids)].mean()))
+    return np.array(out, dtype=np.float32)
+
+
+def main(source: str, n: int, offset: int) -> None:
+    grounder = Grounder.from_pretrained()
+    model, tok = grounder.loaded.model, grounder.tokenizer
+    examples = load_split(source, "train")[offset: offset + n]
+    folder = OUT / source
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, ex in enumerate(tqdm(examples, desc=source)):
+        path = folder / f"{i:04d}.npz"
+        if path.exists():
+            continue
+        doc = ex.documents[0]
+        plan = grounder.plan([doc])[0]
+        signals = grounder._signals(ex.question, [plan])
+        log_prior = SentencePrior.log_priors(signals, grounder.config.prior)[0]
+        para_of = plan.features.paragraph_of
+        bounds = paragraph_bounds(doc)
+        answer = np.array([contains_answer(s.text, ex.answers) for s in plan.sentences], dtype=bool)
+        gold = np.zeros(len(plan.sentences), dtype=bool)
+        for d, a, b in ex.gold:
+            if d == 0:
+                gold |= np.array([s.start < b and a < s.end for s in plan.sentences])
+        n_par = int(para_of.max()) + 1
+        par_best = np.full(n_par, -np.inf, dtype=np.float32)
+        np.maximum.at(par_best, para_of, log_prior)
+        top = np.argsort(-par_best)[:TOP_M]
+        texts = [doc[bounds[j][0]: bounds[j][1]].strip() for j in top]
+        scores = {name: question_log_likelihood(model, tok, texts, ex.question, p) for name, p in PROMPTS.items()}
+        np.savez(path, log_prior=log_prior, para_of=para_of, top=top, answer=answer, gold=gold,
+                 **{f"ql_{k}": v for k, v in scores.items()})
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
