@@ -1,6 +1,6 @@
 """Training-side study: does the LM's question likelihood given a paragraph (UPR, Sachan et al. 2022) rank the
-answer paragraph better than the sentence prior?  NQ train questions after fit-prior's (offset 460), HotpotQA
-train.  Writes per-question scores to an npz folder (resumable) and prints top-k hit rates."""
+answer paragraph better than the sentence prior?  NQ train questions after fit-prior's (offset 460), HotpotQA and
+SQuAD train.  Writes per-question scores to an npz folder (resumable); analyse.py scores them."""
 
 from __future__ import annotations
 
@@ -8,43 +8,17 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from cfic import Grounder
 from cfic.eval import load_split
 from cfic.eval.metrics import contains_answer
 from cfic.prior import SentencePrior, paragraph_bounds
+from cfic.question_likelihood import question_log_likelihoods
 
 OUT = Path(__file__).parent / "material"
 TOP_M = 8
-PROMPTS = {
-    "upr": ("Passage: {p}\nPlease write a question based on this passage.\nQuestion:", " {q}"),
-}
-
-
-def question_log_likelihood(model, tok, passages: list[str], question: str, prompt: tuple[str, str]) -> np.ndarray:
-    """Mean log p(question tokens | prompt with passage), one forward per passage, batched, right padded."""
-    head, tail = prompt
-    rows, starts = [], []
-    q_ids = tok(tail.format(q=question), add_special_tokens=False)["input_ids"]
-    for p in passages:
-        p_ids = tok(head.format(p=p), add_special_tokens=False)["input_ids"][-400:]
-        rows.append(p_ids + q_ids)
-        starts.append(len(p_ids))
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), tok.eos_token_id or 0, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
-    with torch.inference_mode():
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()
-    lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
-    out = []
-    for i, s in enumerate(starts):
-        out.append(float(lp[i, s - 1: s - 1 + len(q_ids)].mean()))
-    return np.array(out, dtype=np.float32)
+PROMPTS = ("upr",)  # cfic.question_likelihood's PASSAGE_PROMPT (the study came first; the product reuses it)
 
 
 def main(source: str, n: int, offset: int) -> None:
@@ -73,7 +47,7 @@ def main(source: str, n: int, offset: int) -> None:
         np.maximum.at(par_best, para_of, log_prior)
         top = np.argsort(-par_best)[:TOP_M]
         texts = [doc[bounds[j][0]: bounds[j][1]].strip() for j in top]
-        scores = {name: question_log_likelihood(model, tok, texts, ex.question, p) for name, p in PROMPTS.items()}
+        scores = {name: question_log_likelihoods(model, tok, texts, ex.question, 400) for name in PROMPTS}
         np.savez(path, log_prior=log_prior, para_of=para_of, top=top, answer=answer, gold=gold,
                  **{f"ql_{k}": v for k, v in scores.items()})
 
