@@ -306,8 +306,9 @@ class Grounder:
             cfg = cfg.with_options(attention=None)
         if not use_prior and (cfg.hops > 1 or cfg.score_end_margin is not None):
             raise CficError("hops=2 and score_end_margin rank by the sentence prior: they need use_prior=True")
-        if use_question_likelihood and cfg.question_likelihood is None:
-            raise CficError("use_question_likelihood=True needs a question_likelihood in the configuration")
+        if use_question_likelihood and (cfg.question_likelihood is None or cfg.prior is None or not use_prior):
+            raise CficError("use_question_likelihood=True re-weights the sentence prior: it needs a "
+                            "question_likelihood and a prior in the configuration, and use_prior=True")
         if not skip_decoding and cfg.score_end_margin is not None:
             raise CficError("skip_decoding=False (the greedy span end) and score_end_margin exclude each other")
         queries = list(queries)
@@ -427,7 +428,10 @@ class Grounder:
         texts = [planned[d].text[slice(*bounds[d][j])].strip() for d, j in read]
         ll = question_log_likelihoods(self.loaded.model, self.tokenizer, texts, query, reading.max_passage_tokens)
         terms = reading_terms(ll, read, paragraph_of, reading.weight)
-        return [lp + t for lp, t in zip(log_priors, terms, strict=True)]
+        adjusted = [lp + t for lp, t in zip(log_priors, terms, strict=True)]
+        flat = np.concatenate(adjusted)
+        norm = float(flat.max() + np.log(np.exp(flat - flat.max()).sum()))  # jointly normalised, as the prior is
+        return [(a - norm).astype(np.float32) for a in adjusted]
 
     def _signals(self, query: str, planned: list[DocumentEncoding | DocumentPlan]) -> list | None:
         """The prior's per-sentence signals for each document, or None when the configuration has no prior."""

@@ -5,10 +5,14 @@ LM's log-likelihood of the question given the passage. Here it corrects the sent
 start search: the ``paragraphs`` paragraphs holding the prior's best sentences (over all documents) are each read
 with the question after them, in one batched forward, and every sentence's log prior gets
 ``weight * (z - max z)`` of its paragraph's standardised mean question log-probability (paragraphs not read get the
-lowest read value). The term is at most 0, so best-first reading's bound (the adjusted prior of a document's best
-sentence) holds as before. The weight was fitted on training questions only (``eval/results/train-query-likelihood``);
-the bundled adapter ships it switched off (``enabled``): with the attention ranker already in the start search it
-bought +1 point of NQ answer recall and lost 4.4 on HotpotQA for ~0.7 s per question (BENCHMARKS.md, round 10).
+lowest read value); the adjusted priors are then normalised again over all sentences of all documents, so span
+scores stay probabilities (the ranking, and best-first reading's bound on the adjusted priors, are unchanged by
+that). The second hop (``hops=2``) ranks its hop query by the prior alone: it does not read again. The weight
+was fitted on training questions only (``eval/results/train-query-likelihood``); the bundled adapter ships it
+switched off (``enabled``): with the attention ranker already in the start search it bought +1 point of NQ answer
+recall and lost 4.4 on HotpotQA, for an extra forward over up to 4 x 400 tokens per question (BENCHMARKS.md,
+round 10). A paragraph longer than ``max_passage_tokens`` is read by its end (a document without blank lines is one
+paragraph).
 
 Why paragraphs and not the whole-document encoding: a question pass over the document conditions on all of it, so
 its likelihood cannot say which paragraph made the question likely; a paragraph read alone can. The evidence still
@@ -56,8 +60,8 @@ class QuestionLikelihood:
 
     @classmethod
     def from_dict(cls, data: dict) -> QuestionLikelihood:
-        return cls(float(data["weight"]), int(data.get("paragraphs", 8)), int(data.get("max_passage_tokens", 400)),
-                   data.get("enabled", True))
+        return cls(data["weight"], data.get("paragraphs", 8), data.get("max_passage_tokens", 400),
+                   data.get("enabled", True))  # as written: __post_init__ rejects what is not a number / integer
 
 
 def question_log_likelihoods(model: torch.nn.Module, tokenizer, passages: Sequence[str], question: str,
@@ -79,11 +83,17 @@ def question_log_likelihoods(model: torch.nn.Module, tokenizer, passages: Sequen
     for i, r in enumerate(rows):
         ids[i, : len(r)] = torch.tensor(r)
         mask[i, : len(r)] = 1
-    with torch.inference_mode():
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().cpu()
-    log_p = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
     n = len(q_ids)
-    return np.array([float(log_p[i, s - 1: s - 1 + n].mean()) for i, s in enumerate(starts)], dtype=np.float32)
+    # Only the positions that predict a question token: a softmax over the whole vocabulary at every passage
+    # position would cost more than the forward itself.
+    rows_at = torch.arange(len(rows))[:, None]
+    positions = torch.tensor(starts)[:, None] - 1 + torch.arange(n)[None, :]  # (passages, n): predicts start + i
+    with torch.inference_mode():
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        picked = logits[rows_at.to(device), positions.to(device)].float()  # (passages, n, vocab)
+        log_p = torch.log_softmax(picked, -1).gather(-1, torch.tensor(q_ids, device=device).expand(len(rows), n)[
+            ..., None])[..., 0]
+    return log_p.mean(-1).cpu().numpy().astype(np.float32)
 
 
 def best_paragraphs(log_priors: Sequence[np.ndarray], paragraph_of: Sequence[np.ndarray], n: int

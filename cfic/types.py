@@ -82,5 +82,5 @@ def ground_json(result: GroundingResult) -> dict[str, Any]:
     out = result.to_dict()
     usage = out["usage"]
     out["usage"] = {k: usage[k] for k in ("input_tokens", "cached_tokens", "latency_ms")} | {
-        "stages_ms": {k: usage[k] for k in ("encode_ms", "prefix_ms", "skip_ms")}}
+        "stages_ms": {k: usage[k] for k in ("encode_ms", "reading_ms", "prefix_ms", "skip_ms")}}
     return out

@@ -11,7 +11,7 @@ import torch
 from cfic.config import GroundingConfig
 from cfic.errors import CficError
 from cfic.grounder import Grounder
-from cfic.prior import PriorWeights, paragraph_bounds
+from cfic.prior import PriorWeights, SentencePrior, paragraph_bounds
 from cfic.question_likelihood import (
     PASSAGE_PROMPT,
     QUESTION_TEXT,
@@ -122,3 +122,18 @@ def test_adapter_settings_bring_the_reading_and_reject_a_broken_one(tmp_path):
         (tmp_path / "cfic.json").write_text(json.dumps({"question_likelihood": broken}))
         with pytest.raises(ModelLoadError):
             adapter_settings(tmp_path)
+
+
+def test_the_reading_keeps_the_priors_jointly_normalised_and_asks_for_a_prior(tiny_loaded):
+    prior = PriorWeights(10.0, 5.0, 1.0, 0.0)
+    g = Grounder(tiny_loaded, GroundingConfig(prior=prior, top_k=1,
+                                              question_likelihood=QuestionLikelihood(3.0, paragraphs=4)))
+    docs = [DOC, "A short note. It has no blank lines at all."]
+    plans = g.plan(docs)
+    base = SentencePrior.log_priors(g._signals(QUESTION, plans), prior)
+    read = g._read_paragraphs(QUESTION, plans, base, g.config.question_likelihood)
+    flat = np.concatenate(read)
+    assert np.exp(flat).sum() == pytest.approx(1.0, abs=1e-4)
+    assert not np.allclose(flat, np.concatenate(base))
+    with pytest.raises(CficError):
+        g.ground(QUESTION, [DOC], use_prior=False, use_question_likelihood=True)

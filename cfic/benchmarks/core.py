@@ -110,16 +110,16 @@ def run_core_bench(model: str | None, doc_tokens: int, n_docs: int, n_questions:
 
         grounders[f"{dtypes[0]}, no attention"] = Grounder(first.loaded, first.config.with_options(attention=None),
                                                            first.swiftkv, sentence_prior=first.sentence_prior)
-        reading = first.config.question_likelihood
-        if reading is not None:  # the paragraph reading, in the state the adapter does not ship
-            flipped = first.config.with_options(question_likelihood=replace(reading, enabled=not reading.enabled))
-            grounders[f"{dtypes[0]}, reading {'off' if reading.enabled else 'on'}"] = Grounder(
-                first.loaded, flipped, first.swiftkv, sentence_prior=first.sentence_prior)
         margin = adapter_attention_entry(first.loaded.adapter).get("score_end_margin")
         if isinstance(margin, (int, float)):
             grounders[f"{dtypes[0]}, score end"] = Grounder(
                 first.loaded, first.config.with_options(score_end_margin=float(margin)), first.swiftkv,
                 sentence_prior=first.sentence_prior)
+    reading = first.config.question_likelihood
+    if reading is not None and first.config.prior is not None:  # the paragraph reading, in the state not shipped
+        flipped = first.config.with_options(question_likelihood=replace(reading, enabled=not reading.enabled))
+        grounders[f"{dtypes[0]}, reading {'off' if reading.enabled else 'on'}"] = Grounder(
+            first.loaded, flipped, first.swiftkv, sentence_prior=first.sentence_prior)
     report |= {"model": first.model_name, "adapter": first.loaded.adapter}
     docs = bench_documents(first.tokenizer, doc_tokens, n_docs)
     report["actual_doc_tokens"] = statistics.mean(e.n_tokens for e in first.encode(docs))
