@@ -40,7 +40,7 @@ from cfic.decoding.swiftkv import SwiftKV, configure_swiftkv, load_swiftkv
 from cfic.documents import as_document
 from cfic.errors import CficError, GroundingCancelled
 from cfic.models import LoadedModel, adapter_settings, eos_token_ids, load_model
-from cfic.prior import SentencePrior, abstention_features, paragraph_bounds
+from cfic.prior import SentencePrior, abstention_features, log_softmax, paragraph_bounds, split_by_document
 from cfic.question_likelihood import QuestionLikelihood, best_paragraphs, question_log_likelihoods, reading_terms
 from cfic.text import Sentence, split_sentences
 from cfic.types import Document, Evidence, GroundingResult, Usage
@@ -328,7 +328,7 @@ class Grounder:
             for qi, lp in enumerate(log_priors):
                 if lp is not None:
                     t = time.perf_counter()
-                    log_priors[qi] = self._read_paragraphs(queries[qi], encodings, lp, cfg.question_likelihood)
+                    log_priors[qi] = self._read_paragraphs(queries[qi], encodings, lp, reading)
                     reading_ms[qi] = (time.perf_counter() - t) * 1000
         # Acting on the abstention model reads every document: its features are minimums over all windows.
         acting = cfg.abstention is not None and (cfg.abstention.enabled if abstain is None else abstain)
@@ -429,9 +429,7 @@ class Grounder:
         ll = question_log_likelihoods(self.loaded.model, self.tokenizer, texts, query, reading.max_passage_tokens)
         terms = reading_terms(ll, read, paragraph_of, reading.weight)
         adjusted = [lp + t for lp, t in zip(log_priors, terms, strict=True)]
-        flat = np.concatenate(adjusted)
-        norm = float(flat.max() + np.log(np.exp(flat - flat.max()).sum()))  # jointly normalised, as the prior is
-        return [(a - norm).astype(np.float32) for a in adjusted]
+        return split_by_document(log_softmax(np.concatenate(adjusted)), adjusted)  # jointly, as the prior is
 
     def _signals(self, query: str, planned: list[DocumentEncoding | DocumentPlan]) -> list | None:
         """The prior's per-sentence signals for each document, or None when the configuration has no prior."""

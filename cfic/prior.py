@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Sized
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -297,12 +297,21 @@ class SentencePrior:
         prior is unchanged, and across documents the masses compare (a short document's sentences no longer get a
         large share just because it has few of them)."""
         flat = SentencePrior.log_prior(np.concatenate(list(signals)), weights) if len(signals) else np.zeros(0)
-        cuts = np.cumsum([len(s) for s in signals])[:-1]
-        return [part.astype(np.float32) for part in np.split(flat, cuts)]
+        return split_by_document(flat, signals)
 
     @staticmethod
     def log_prior(signals: np.ndarray, weights: PriorWeights) -> np.ndarray:
         """log softmax over the document's sentences of the weighted signals."""
-        logits = signals @ weights.signal_weights
-        logits = logits - logits.max()
-        return (logits - np.log(np.exp(logits).sum())).astype(np.float32)
+        return log_softmax(signals @ weights.signal_weights)
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Stable log softmax of a 1-D array, as float32."""
+    logits = logits - logits.max()
+    return (logits - np.log(np.exp(logits).sum())).astype(np.float32)
+
+
+def split_by_document(flat: np.ndarray, parts: Sequence[Sized]) -> list[np.ndarray]:
+    """``flat`` (all documents' sentences, concatenated) cut back into one float32 array per document of ``parts``."""
+    cuts = np.cumsum([len(p) for p in parts])[:-1]
+    return [part.astype(np.float32) for part in np.split(flat, cuts)]

@@ -116,12 +116,10 @@ def reading_terms(log_likelihoods: np.ndarray, read: Sequence[tuple[int, int]], 
     log-likelihood; sentences of paragraphs not read get the lowest read value."""
     ll = np.asarray(log_likelihoods, dtype=np.float64)
     z = (ll - ll.mean()) / (ll.std() + 1e-6) if len(ll) else ll
-    floor = float(z.min() - z.max()) if len(z) else 0.0
-    out = []
-    for d, para in enumerate(paragraph_of):
-        per_paragraph = np.full(int(para.max()) + 1 if len(para) else 0, floor)
-        for (dd, j), value in zip(read, z - (z.max() if len(z) else 0.0), strict=True):
-            if dd == d:
-                per_paragraph[j] = value
-        out.append((weight * per_paragraph[para]).astype(np.float32) if len(para) else np.zeros(0, np.float32))
-    return out
+    z = z - (z.max() if len(z) else 0.0)
+    floor = float(z.min()) if len(z) else 0.0
+    per_paragraph = [np.full(int(para.max()) + 1 if len(para) else 0, floor) for para in paragraph_of]
+    for (d, j), value in zip(read, z, strict=True):
+        per_paragraph[d][j] = value
+    return [(weight * values[para]).astype(np.float32) for values, para in zip(per_paragraph, paragraph_of,
+                                                                               strict=True)]

@@ -14,7 +14,7 @@ from cfic import Grounder
 from cfic.eval import load_split
 from cfic.eval.metrics import contains_answer
 from cfic.prior import SentencePrior, paragraph_bounds
-from cfic.question_likelihood import question_log_likelihoods
+from cfic.question_likelihood import best_paragraphs, question_log_likelihoods
 
 OUT = Path(__file__).parent / "material"
 TOP_M = 8
@@ -42,10 +42,7 @@ def main(source: str, n: int, offset: int) -> None:
         for d, a, b in ex.gold:
             if d == 0:
                 gold |= np.array([s.start < b and a < s.end for s in plan.sentences])
-        n_par = int(para_of.max()) + 1
-        par_best = np.full(n_par, -np.inf, dtype=np.float32)
-        np.maximum.at(par_best, para_of, log_prior)
-        top = np.argsort(-par_best)[:TOP_M]
+        top = np.array([j for _, j in best_paragraphs([log_prior], [para_of], TOP_M)])
         texts = [doc[bounds[j][0]: bounds[j][1]].strip() for j in top]
         scores = {name: question_log_likelihoods(model, tok, texts, ex.question, 400) for name in PROMPTS}
         np.savez(path, log_prior=log_prior, para_of=para_of, top=top, answer=answer, gold=gold,
