@@ -40,6 +40,8 @@ from pathlib import Path
 from cfic.eval.metrics import percentile
 
 HOST = "127.0.0.1"  # loopback only, by construction
+# The server's stage timings averaged into a report (``stages_ms`` of every answer).
+STAGES = ("queue_ms", "encode_ms", "reading_ms", "prefix_ms", "skip_ms")
 
 _PLACES = ["Avalon", "Brightwater", "Caldera", "Dunmore", "Eastfield", "Falkirk", "Glenhaven", "Harrowgate",
            "Ironbridge", "Juniper Bay", "Kestrel Point", "Lowmoor", "Marston", "Northwick", "Oakridge", "Pembury"]
@@ -182,7 +184,7 @@ async def _run_phase(base_url: str, name: str, clients: int, seconds: float, mak
     report.cached_token_share = round(cached / doc_tokens, 3) if doc_tokens else 0.0
     if ok:  # where the server's time went, on average
         report.mean_server_ms = {"latency_ms": round(statistics.fmean(s.usage["latency_ms"] for s in ok), 1)}
-        for k in ("queue_ms", "encode_ms", "prefix_ms", "skip_ms"):
+        for k in STAGES:
             report.mean_server_ms[k] = round(statistics.fmean(s.usage["stages_ms"][k] for s in ok), 1)
     report.peak_rss_mib = round(peak[0], 1) if peak[0] else None
     report.load_average_1m = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
@@ -715,7 +717,7 @@ def summarise_kinds(outcomes: list[Outcome], requests: SoakRequests) -> dict[str
             entry["cached_token_share"] = round(sum(u["cached_tokens"] for u in ok) / doc_tokens, 3) \
                 if doc_tokens else 0.0
             entry["mean_server_ms"] = {k: round(statistics.fmean(u["stages_ms"][k] for u in ok), 1)
-                                       for k in ("queue_ms", "encode_ms", "prefix_ms", "skip_ms")}
+                                       for k in STAGES}
         kinds[name] = entry
     return kinds
 

@@ -274,7 +274,8 @@ class Grounder:
         best paragraphs first (:mod:`cfic.question_likelihood`; default: as its settings say, ``enabled``; True needs
         one in the configuration); ``abstain`` acts on the ``no_evidence`` model (default: as its settings say,
         ``enabled``; ``False`` still reports its probability but always returns the evidence); ``cancel`` is asked
-        between encode batches and between windows, True stops with :class:`~cfic.errors.GroundingCancelled`."""
+        between encode batches, before a paragraph reading and between windows, True stops with
+        :class:`~cfic.errors.GroundingCancelled`."""
         return self.ground_batch([query], documents, **options)[0]
 
     def ground_batch(
@@ -327,6 +328,8 @@ class Grounder:
         if reading is not None and (reading.enabled if use_question_likelihood is None else use_question_likelihood):
             for qi, lp in enumerate(log_priors):
                 if lp is not None:
+                    if cancel is not None and cancel():  # the reading is a forward pass of its own: ask first
+                        raise GroundingCancelled("grounding cancelled")
                     t = time.perf_counter()
                     log_priors[qi] = self._read_paragraphs(queries[qi], encodings, lp, reading)
                     reading_ms[qi] = (time.perf_counter() - t) * 1000

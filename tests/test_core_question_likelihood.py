@@ -137,3 +137,22 @@ def test_the_reading_keeps_the_priors_jointly_normalised_and_asks_for_a_prior(ti
     assert not np.allclose(flat, np.concatenate(base))
     with pytest.raises(CficError):
         g.ground(QUESTION, [DOC], use_prior=False, use_question_likelihood=True)
+
+
+def test_a_cancelled_question_stops_before_the_reading(tiny_loaded):
+    """The reading is a forward pass of its own (the HF model's, which the layer runner never calls): a cancelled
+    request must not pay for it (REST cancels on a disconnect). A forward hook counts the model's calls."""
+    from cfic.errors import GroundingCancelled
+
+    g = Grounder(tiny_loaded, GroundingConfig(prior=PriorWeights(10.0, 5.0, 1.0, 0.0), top_k=1,
+                                              question_likelihood=QuestionLikelihood(3.0, paragraphs=4)))
+    calls: list[int] = []
+    handle = tiny_loaded.model.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        with pytest.raises(GroundingCancelled):
+            g.ground(QUESTION, [DOC], cancel=lambda: True)
+        assert calls == []
+        assert g.ground(QUESTION, [DOC], cancel=lambda: False).usage.reading_ms > 0.0
+        assert calls  # the hook does see the reading when it runs
+    finally:
+        handle.remove()

@@ -33,6 +33,7 @@ GRIDS = {  # name: (top_k values, margins; None = skip decoding)
     "": ((3, 4, 5, 6), (None, 0.0, 0.5, 1.0, 2.0)),
     "wide": ((3, 4), (None, 4.0, 8.0, 16.0)),  # the margins above all end after ~1 sentence on NQ
     "hop": ((3, 4, 5, 6), (None, 0.5, 2.0, 4.0, 8.0, 16.0)),  # HotpotQA: also a second hop, BM25 and F1 (round 11)
+    "article": ((3, 4), (None, 4.0, 8.0, 16.0)),  # SQuAD's training articles (one long document, many questions)
 }
 HOP_TOP_KS = (3, 4, 5)  # the "hop" grid also runs hops=2 (skip decoding) at these top_k
 
@@ -60,17 +61,23 @@ def run(source: str, n: int, grid: str = "") -> None:
     done = {json.loads(line)["id"] for line in out.read_text().splitlines()} if out.exists() else set()
     # The "hop" grid keeps HotpotQA's yes/no questions (no answer string: F1 only).
     examples = [e for e in load_split(source, "train")[:n] if e.answers or (grid == "hop" and e.gold)]
+    if grid == "article":  # answerable questions only, the articles' question order
+        examples = [e for e in load_split(source, "train") if e.answerable and e.answers][:n]
+    cached: dict[str, list] = {}  # SQuAD: every question of an article reads the same encoding
     with out.open("a") as f:
         for ex in tqdm(examples, desc=source):
             if ex.id in done:
                 continue
-            encodings = grounder.encode(ex.documents)
+            key = ex.doc_key or ex.id
+            if key not in cached:
+                cached = {key: grounder.encode(ex.documents)}
+            encodings = cached[key]
             signals = grounder._signals(ex.question, encodings)
             log_prior = np.concatenate(SentencePrior.log_priors(signals, grounder.config.prior))
             where = [(d, s) for d, e in enumerate(encodings) for s in e.sentences]  # (document, Sentence)
             texts = [s.text for _, s in where]
             order = np.argsort(-log_prior, kind="stable")
-            bm25_order = BM25(texts).rank([ex.question], len(texts))[0] if grid == "hop" else []
+            bm25_order = BM25(texts).rank([ex.question], len(texts))[0] if grid in ("hop", "article") else []
             # The evaluation's reference sentences, so F1 here is `cfic evaluate`'s sentence F1.
             units = [(d, s.start, s.end) for d, text in enumerate(ex.documents) for s in split_sentences(text)]
 
@@ -89,7 +96,7 @@ def run(source: str, n: int, grid: str = "") -> None:
                         "prior_hit": prior_hit, "sentences": budget,
                         "tokens": sum(len(grounder.tokenizer(e.text)["input_ids"]) for e in r.evidence),
                         "ms": r.usage.latency_ms}
-                if grid == "hop":
+                if bm25_order:
                     bm25_hit, bm25_f1 = _top(ex, where, units, bm25_order, budget)
                     cell.update(f1=_f1(units, ex.gold, [(e.document_index, e.start_char, e.end_char)
                                                         for e in r.evidence]),
@@ -126,13 +133,16 @@ def _column(rows: list[dict], key: str, field: str) -> np.ndarray:
 
 
 def analyse_hop(name: str, rows: list[dict]) -> None:
-    """HotpotQA: answer recall on the bridge questions against the best of prior and BM25 at the same budget, and
+    """Answer recall (HotpotQA: on the bridge questions) against the best of prior and BM25 at the same budget, and
     sentence F1 on all, each paired."""
-    bridge = {e.id for e in load_split("hotpotqa-bridge", "train")}
-    on_bridge = [r for r in rows if r["id"] in bridge and r["settings"][next(iter(r["settings"]))]["hit"] is not None]
+    first = next(iter(rows[0]["settings"]))
+    bridge = ({e.id for e in load_split("hotpotqa-bridge", "train")} if name.startswith("hotpotqa")
+              else {r["id"] for r in rows})  # elsewhere: answer recall on every question
+    on_bridge = [r for r in rows if r["id"] in bridge and r["settings"][first]["hit"] is not None]
     rng = np.random.default_rng(0)
-    print(f"{name}: {len(rows)} training questions, {len(on_bridge)} bridge questions with an answer string")
-    print("setting  | bridge recall: cfic  prior  bm25  cfic-bm25 [95%]  cfic-prior [95%] | "
+    what = "bridge" if name.startswith("hotpotqa") else "answer"
+    print(f"{name}: {len(rows)} training questions, {len(on_bridge)} {what} questions with an answer string")
+    print(f"setting  | {what} recall: cfic  prior  bm25  cfic-bm25 [95%]  cfic-prior [95%] | "
           "F1 (all): cfic  prior  bm25  cfic-prior [95%] | sentences  tokens  ms")
     for key in rows[0]["settings"]:
         hit, prior, bm25 = (_column(on_bridge, key, f) for f in ("hit", "prior_hit", "bm25_hit"))
