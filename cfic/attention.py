@@ -22,15 +22,17 @@ stopping bound (the prior mass of the best sentence of an unread document) still
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from cfic.decoding.attention import SentenceAttention
+from cfic.decoding.attention import QueryUpdate, SentenceAttention
 from cfic.errors import CficError
 from cfic.files import SameByDigest, array_digest, read_safetensors
 
@@ -63,6 +65,10 @@ class AttentionRanker(SameByDigest):
     null_weights: np.ndarray | None = None
     swiftkv_layer: int | None = None
     fusion_power: float = 0.0
+    # A learned low-rank change of these layers' queries for the attention it reads (QueryUpdate; round 11).
+    query_layers: tuple[int, ...] = ()
+    query_a: np.ndarray | None = None  # [len(query_layers), heads, head_dim, rank]
+    query_b: np.ndarray | None = None  # [len(query_layers), heads, rank, head_dim]
 
     def __post_init__(self) -> None:
         if self.weights.ndim != 3 or self.weights.shape[0] != 2:
@@ -75,6 +81,28 @@ class AttentionRanker(SameByDigest):
             raise CficError("attention ranker has non-finite weights")
         if self.fusion < 0 or self.eps <= 0:
             raise CficError("attention ranker needs fusion >= 0 and eps > 0")
+        if (self.query_a is None) != (self.query_b is None) or (self.query_a is None) != (not self.query_layers):
+            raise CficError("attention ranker query update needs its layers, a and b together")
+        if self.query_a is not None and self.query_b is not None:
+            if not (np.isfinite(self.query_a).all() and np.isfinite(self.query_b).all()):
+                raise CficError("attention ranker has a non-finite query update")
+            if max(self.query_layers) >= self.weights.shape[1] or min(self.query_layers) < 0:
+                raise CficError(f"attention ranker query update layers {self.query_layers} outside the model's "
+                                f"{self.weights.shape[1]}")
+            if self.query_a.shape[1] != self.weights.shape[2]:
+                raise CficError("attention ranker query update has another head count than its weights")
+            try:
+                self.query_update  # noqa: B018  (shapes checked where they are used)
+            except ValueError as exc:
+                raise CficError(f"attention ranker {exc}") from exc
+
+    @cached_property
+    def query_update(self) -> QueryUpdate | None:
+        """The tap's :class:`~cfic.decoding.attention.QueryUpdate`, or None (the heads' own queries)."""
+        if self.query_a is None or self.query_b is None:
+            return None
+        return QueryUpdate(tuple(self.query_layers), torch.from_numpy(self.query_a.astype(np.float32)),
+                           torch.from_numpy(self.query_b.astype(np.float32)))
 
     @property
     def calibrated(self) -> bool:
@@ -83,8 +111,8 @@ class AttentionRanker(SameByDigest):
 
     @property
     def digest(self) -> str:
-        return array_digest(f"{self.length_weight}|{self.fusion}|{self.eps}|{self.swiftkv_layer}|{self.fusion_power}",
-                            (self.weights, self.null_weights))
+        return array_digest(f"{self.length_weight}|{self.fusion}|{self.eps}|{self.swiftkv_layer}|{self.fusion_power}"
+                            f"|{self.query_layers}", (self.weights, self.null_weights, self.query_a, self.query_b))
 
     def check(self, layers: int, heads: int, swiftkv_layer: int | None = None) -> None:
         """Refuse a model of another shape, or SwiftKV from a lower layer than the fit's. (SwiftKV off, or from the
@@ -140,9 +168,13 @@ class AttentionRanker(SameByDigest):
         tensors = {"weights": np.ascontiguousarray(self.weights, dtype=np.float32)}
         if self.null_weights is not None:
             tensors["null_weights"] = np.ascontiguousarray(self.null_weights, dtype=np.float32)
+        if self.query_a is not None and self.query_b is not None:
+            tensors["query_a"] = np.ascontiguousarray(self.query_a, dtype=np.float32)
+            tensors["query_b"] = np.ascontiguousarray(self.query_b, dtype=np.float32)
         meta = {"length_weight": repr(self.length_weight), "fusion": repr(self.fusion), "eps": repr(self.eps),
                 "swiftkv_layer": "" if self.swiftkv_layer is None else str(self.swiftkv_layer),
-                "fusion_power": repr(self.fusion_power), **(info or {})}
+                "fusion_power": repr(self.fusion_power), "query_layers": ",".join(map(str, self.query_layers)),
+                **(info or {})}
         write_atomic(path, save(tensors, metadata=meta))
 
     @classmethod
@@ -150,12 +182,19 @@ class AttentionRanker(SameByDigest):
         try:
             meta, tensors = read_safetensors(Path(path), "numpy", "attention ranker")
             sw = meta.get("swiftkv_layer", "")
+            layers = tuple(int(x) for x in meta.get("query_layers", "").split(",") if x)
             return cls(tensors["weights"], float(meta["length_weight"]), float(meta["fusion"]),
                        float(meta.get("eps", "1e-4")), tensors.get("null_weights"), int(sw) if sw else None,
-                       float(meta.get("fusion_power", "0.0")))
+                       float(meta.get("fusion_power", "0.0")), layers, tensors.get("query_a"), tensors.get("query_b"))
         except (KeyError, ValueError) as exc:
             raise CficError(f"bad attention ranker file {str(path)!r}: {exc}") from exc
 
     def with_fusion(self, fusion: float, fusion_power: float | None = None) -> AttentionRanker:
-        return AttentionRanker(self.weights, self.length_weight, fusion, self.eps, self.null_weights,
-                               self.swiftkv_layer, self.fusion_power if fusion_power is None else fusion_power)
+        return dataclasses.replace(self, fusion=fusion,
+                                   fusion_power=self.fusion_power if fusion_power is None else fusion_power)
+
+    def with_query_update(self, layers: tuple[int, ...], a: np.ndarray | None, b: np.ndarray | None
+                          ) -> AttentionRanker:
+        """The same ranker reading the attention of queries changed by ``q + (q a) b`` at ``layers`` (``()``, None,
+        None: the heads' own queries)."""
+        return dataclasses.replace(self, query_layers=tuple(layers), query_a=a, query_b=b)

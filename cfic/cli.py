@@ -164,6 +164,7 @@ def _register_components() -> None:
         fit_abstention_command,
         fit_attention_command,
         fit_prior_command,
+        fit_query_heads_command,
         train_command,
     )
 
@@ -174,6 +175,7 @@ def _register_components() -> None:
     app.command("train")(train_command)
     app.command("fit-prior")(fit_prior_command)
     app.command("fit-attention")(fit_attention_command)
+    app.command("fit-query-heads")(fit_query_heads_command)
     app.command("fit-abstention")(fit_abstention_command)
     app.command("distill-swiftkv")(distill_swiftkv_command)
 

@@ -15,6 +15,7 @@ from typing import Any, TypedDict, Unpack
 import numpy as np
 import torch
 
+from cfic.attention import AttentionRanker
 from cfic.config import GroundingConfig
 from cfic.decoding.encode import (
     DocumentEncoding,
@@ -413,8 +414,9 @@ class Grounder:
                 scores = np.zeros(len(enc.sentences), dtype=np.float32)
                 for window in reversed(enc.windows):
                     lengths = window_segment_lengths(enc, window)
-                    attention = question_pass(self.runner, window, ids, 0, None, lengths).attention
-                    null = self._content_free_attention(window, lengths) if ranker.calibrated else None
+                    attention = question_pass(self.runner, window, ids, 0, None, lengths,
+                                              ranker.query_update).attention
+                    null = self._content_free_attention(window, lengths, ranker) if ranker.calibrated else None
                     scores[window.first: window.last] = ranker.log_probabilities(attention, null).numpy()
                 out.append(scores)
         return out
@@ -518,15 +520,16 @@ class Grounder:
                 t0 = time.perf_counter()
                 ranker = cfg.attention if search_prior is not None else None
                 lengths = None if ranker is None else window_segment_lengths(enc, window)
-                cache, first, tapped, attention = question_pass(self.runner, window, query_ids, room,
-                                                                None if probe is None else probe.layer, lengths)
+                cache, first, tapped, attention = question_pass(
+                    self.runner, window, query_ids, room, None if probe is None else probe.layer, lengths,
+                    None if ranker is None else ranker.query_update)
                 p_end_first = min(p_end_first, end_probability(first, self.template.eos_ids))
                 if tapped is not None:
                     logit = probe.logit(tapped)
                     probe_logit = logit if probe_logit is None else min(probe_logit, logit)
                 window_prior = search_prior
                 if ranker is not None and attention is not None:  # a ranker implies a search prior
-                    null = self._content_free_attention(window, lengths) if ranker.calibrated else None
+                    null = self._content_free_attention(window, lengths, ranker) if ranker.calibrated else None
                     window_prior = SearchPrior(ranker.fused(search_prior.log_prior, window.first, attention, null),
                                                search_prior.lm_weight)
                 shared = cache.length
@@ -598,12 +601,12 @@ class Grounder:
         ids = self.tokenizer(bridge, add_special_tokens=False)["input_ids"][: max(0, min(HOP_BRIDGE_TOKENS, room))]
         return f"{query} {self.tokenizer.decode(ids)}".strip() if ids else query
 
-    def _content_free_attention(self, window: Any, lengths: list[int]) -> Any:
+    def _content_free_attention(self, window: Any, lengths: list[int], ranker: AttentionRanker) -> Any:
         """The attention of a content-free question over the window (the ranker's calibration, ICR)."""
         from cfic.attention import CONTENT_FREE_QUESTION
 
         ids = self.template.query_ids(self.tokenizer, CONTENT_FREE_QUESTION, self.config.max_query_tokens)
-        return question_pass(self.runner, window, ids, 0, None, lengths).attention
+        return question_pass(self.runner, window, ids, 0, None, lengths, ranker.query_update).attention
 
     def _rank(self, spans: list[_Span], encodings: list[DocumentEncoding], cfg: GroundingConfig) -> list[Evidence]:
         ranked = sorted(spans, key=lambda s: (-s.score, s.document_index, s.start))

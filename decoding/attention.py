@@ -47,13 +47,67 @@ def sentence_token_bounds(head_tokens: int, segment_lengths: list[int]) -> Tenso
     return bounds
 
 
+def sentence_attention_masses(query: Tensor, keys: Tensor, bounds: Tensor, scale: float, mask: Tensor | None = None
+                              ) -> Tensor:
+    """Each head's attention from each query row summed over each sentence's keys: ``[heads, rows, sentences]``.
+
+    ``query`` ``[heads, rows, dim]`` (rotated), ``keys`` ``[kv_heads, keys, dim]`` (the cache's, grouped-query
+    layout), ``bounds`` from :func:`sentence_token_bounds`, ``mask`` the pass's boolean ``[1, 1, rows, keys]``
+    attention mask. Differentiable in ``query`` (the query update is trained through it)."""
+    heads, rows = query.shape[0], query.shape[1]
+    kv_heads = keys.shape[0]
+    # Grouped query attention without copying the keys per head: head h reads kv head h // (heads / kv_heads),
+    # so each kv head's query heads are stacked as rows of one matrix product.
+    grouped = query.float().reshape(kv_heads, heads // kv_heads * rows, -1)
+    scores = (grouped @ keys.float().transpose(-1, -2)).view(heads, rows, -1) * scale  # [heads, rows, keys]
+    if mask is not None:
+        scores = scores.masked_fill(~mask[0, :, :rows, : scores.shape[-1]], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    cumulative = torch.nn.functional.pad(probs.cumsum(-1), (1, 0))
+    return cumulative[..., bounds[1:]] - cumulative[..., bounds[:-1]]
+
+
+@dataclass(frozen=True)
+class QueryUpdate:
+    """A learned low-rank change of some layers' rotated queries, for the tap's attention only: ``q + (q a) b`` per
+    head. Why: the heads' attention as the LM computes it ranks NQ's evidence no better than the prior (issue 29,
+    rounds 6-9); queries trained for ranking on the training side do (round 11). The layer's own output is
+    untouched, so the evidence's text and the LM's predictions stay the model's. ``a``: ``[layers, heads, dim,
+    rank]``, ``b``: ``[layers, heads, rank, dim]`` (float32), row ``i`` for model layer ``layers[i]``."""
+
+    layers: tuple[int, ...]
+    a: Tensor
+    b: Tensor
+
+    def __post_init__(self) -> None:
+        n = len(self.layers)
+        if self.a.ndim != 4 or self.b.ndim != 4 or self.a.shape[0] != n or self.b.shape[0] != n \
+                or self.a.shape[1] != self.b.shape[1] or self.a.shape[3] != self.b.shape[2] \
+                or self.a.shape[2] != self.b.shape[3]:
+            raise ValueError(f"query update shapes {tuple(self.a.shape)} / {tuple(self.b.shape)} do not fit "
+                             f"{n} layers")
+        if len(set(self.layers)) != n:
+            raise ValueError(f"query update layers repeat: {self.layers}")
+
+    def apply(self, index: int, query: Tensor) -> Tensor:
+        """``query`` ``[1, heads, rows, dim]`` of model layer ``index``, updated if it is one of ``layers``."""
+        if index not in self.layers:
+            return query
+        i = self.layers.index(index)
+        a, b = self.a[i].to(query.device), self.b[i].to(query.device)
+        q = query.float()
+        return q + torch.einsum("bhtr,hrd->bhtd", torch.einsum("bhtd,hdr->bhtr", q, a), b)
+
+
 @dataclass
 class SentenceAttentionTap:
     """A :class:`~cfic.decoding.runner.LayerHook` that records :class:`SentenceAttention` while running every layer
-    plainly. One tap per question pass (``bounds`` from :func:`sentence_token_bounds`); read ``result()`` after."""
+    plainly. One tap per question pass (``bounds`` from :func:`sentence_token_bounds`); read ``result()`` after.
+    ``query_update``: the ranker's learned change of some layers' queries (the attention it records, not the layer)."""
 
     bounds: Tensor
     inner: LayerHook = PLAIN
+    query_update: QueryUpdate | None = None
     _last: list[Tensor] = field(default_factory=list, repr=False)
     _mean: list[Tensor] = field(default_factory=list, repr=False)
 
@@ -65,23 +119,15 @@ class SentenceAttentionTap:
 
     def run(self, runner: LayerRunner, index: int, state: LayerPass) -> Tensor:
         query = _queries(runner, index, state)
+        if self.query_update is not None:
+            query = self.query_update.apply(index, query)
         cache, mask = state.cache, state.mask
         out = self.inner.run(runner, index, state)
         assert cache is not None, "the question pass always has a cache"
         slot = cache.slot(index)
         keys = cache.keys[slot][0, :, : cache.length + cache.pending].float()  # [kv_heads, keys, head_dim]
-        heads, rows = query.shape[1], query.shape[2]
-        kv_heads = keys.shape[0]
         scale = getattr(runner.layers[index].self_attn, "scaling", query.shape[-1] ** -0.5)
-        # Grouped query attention without copying the keys per head: head h reads kv head h // (heads / kv_heads),
-        # so each kv head's query heads are stacked as rows of one matrix product.
-        grouped = query[0].float().reshape(kv_heads, heads // kv_heads * rows, -1)
-        scores = (grouped @ keys.transpose(-1, -2)).view(heads, rows, -1) * scale  # [heads, rows, keys]
-        if mask is not None:
-            scores = scores.masked_fill(~mask[0, :, :rows, : scores.shape[-1]], float("-inf"))
-        probs = torch.softmax(scores, dim=-1)  # [heads, rows, keys]
-        cumulative = torch.nn.functional.pad(probs.cumsum(-1), (1, 0))
-        per_sentence = cumulative[..., self.bounds[1:]] - cumulative[..., self.bounds[:-1]]  # [heads, rows, S]
+        per_sentence = sentence_attention_masses(query[0], keys, self.bounds, scale, mask)
         self._last.append(per_sentence[:, -1])
         self._mean.append(per_sentence.mean(1))
         return out

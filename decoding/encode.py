@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import torch
 
 from cfic.config import GroundingConfig
-from cfic.decoding.attention import SentenceAttention, SentenceAttentionTap, sentence_token_bounds
+from cfic.decoding.attention import QueryUpdate, SentenceAttention, SentenceAttentionTap, sentence_token_bounds
 from cfic.decoding.runner import KVCache, LayerRunner, prefill
 from cfic.decoding.trie import SentenceTrie
 from cfic.errors import (
@@ -330,12 +330,13 @@ class QuestionPass(NamedTuple):
 
 def question_pass(
     runner: LayerRunner, window: EncodedWindow, query_ids: Sequence[int], room: int, tap_layer: int | None = None,
-    segment_lengths: Sequence[int] | None = None,
+    segment_lengths: Sequence[int] | None = None, query_update: QueryUpdate | None = None,
 ) -> QuestionPass:
     """Append the question to a private copy of the window's cache (the encoding itself stays untouched).
 
     ``segment_lengths``: the token counts of the window's sentence segments (``DocumentEncoding.segment_ids``
-    lengths for ``window.first .. window.last``); given, the pass also records the question's attention over them."""
+    lengths for ``window.first .. window.last``); given, the pass also records the question's attention over them
+    (with ``query_update``'s queries where it has some: :class:`~cfic.decoding.attention.QueryUpdate`)."""
     from cfic.decoding.runner import PLAIN, causal_extension_mask, forward
 
     cache = window.kv.fork(len(query_ids) + room)
@@ -347,7 +348,8 @@ def question_pass(
     tap = None
     if segment_lengths is not None:
         head = window.n_tokens - sum(segment_lengths)
-        tap = SentenceAttentionTap(sentence_token_bounds(head, list(segment_lengths)).to(runner.device))
+        tap = SentenceAttentionTap(sentence_token_bounds(head, list(segment_lengths)).to(runner.device),
+                                   query_update=query_update)
     layers = PLAIN if tap is None else tap
     tapped, lower, resume = None, None, 0
     if tap_layer is not None:

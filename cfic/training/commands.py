@@ -144,6 +144,23 @@ def fit_attention_command(
     _print_report(fit_attention(material, nq, hotpot, squad, adapter, out, n_squad_second=squad_second))
 
 
+def fit_query_heads_command(
+    nq: Annotated[int, typer.Option("--nq", min=1, help="NQ training questions (from 460 on).")] = 400,
+    hotpot: Annotated[int, typer.Option("--hotpot", min=0, help="HotpotQA training questions.")] = 100,
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Passes over the material.")] = 6,
+    folds: Annotated[int, typer.Option("--folds", min=2, help="Cross-validation folds of the report.")] = 4,
+    material: Annotated[str, typer.Option("--material", help="Folder for the question passes' queries and keys "
+                                          "(one file per question, ~5 MB each; a run resumes).")] = "runs/query-heads",
+    adapter: Annotated[str | None, typer.Option("--adapter", help="Adapter folder (default: the bundled one); its "
+                                                "attention ranker and cfic.json are written.")] = None,
+) -> None:
+    """Train a low-rank change of a few layers' queries so the attention ranker's heads rank evidence (the ranker's
+    weights and fusion stay); cross-validated on the training side, then fitted on all of it."""
+    from cfic.training.query_heads import fit_query_heads
+
+    _print_report(fit_query_heads(material, nq, hotpot, adapter, epochs, folds))
+
+
 def fit_abstention_command(
     nq: Annotated[int, typer.Option("--nq", min=0, help="NQ training questions (each with and without evidence).")]
     = 130,

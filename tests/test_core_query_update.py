@@ -1,0 +1,122 @@
+"""The attention ranker's learned query update: what it changes (only the attention the tap records), how it
+travels with the ranker, and the training that fits it."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from cfic.attention import AttentionRanker
+from cfic.config import GroundingConfig
+from cfic.decoding.attention import QueryUpdate
+from cfic.decoding.encode import question_pass
+from cfic.errors import CficError
+from cfic.eval.generic import Example
+from cfic.grounder import Grounder
+from cfic.prior import PriorWeights
+
+DOC = ("The Normans came from Normandy. They conquered England in 1066. "
+       "Rollo was their first ruler. The Rhine flows north.")
+QUESTION = "When did the Normans conquer England?"
+
+
+def _window(tiny_loaded):
+    grounder = Grounder(tiny_loaded)
+    enc = grounder.encode([DOC])[0]
+    window = enc.windows[0]
+    lengths = [len(enc.segment_ids[s]) for s in range(window.first, window.last)]
+    ids = grounder.template.query_ids(grounder.tokenizer, QUESTION, grounder.config.max_query_tokens)
+    return grounder, window, lengths, ids
+
+
+def _doubling(heads: int, dim: int, layers: tuple[int, ...]) -> QueryUpdate:
+    """q + (q I) I = 2 q at ``layers``: the same as doubling those layers' q projection."""
+    eye = torch.eye(dim).expand(len(layers), heads, dim, dim).clone()
+    return QueryUpdate(layers, eye, eye.clone())
+
+
+@pytest.mark.numerics
+def test_the_update_changes_only_its_layers_attention_as_a_changed_q_projection_would(tiny_loaded):
+    grounder, window, lengths, ids = _window(tiny_loaded)
+    cfg = tiny_loaded.model.config
+    heads, dim = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
+    with torch.inference_mode():
+        plain = question_pass(grounder.runner, window, ids, 4, segment_lengths=lengths)
+        zero = question_pass(grounder.runner, window, ids, 4, segment_lengths=lengths, query_update=QueryUpdate(
+            (1,), torch.randn(1, heads, dim, 2), torch.zeros(1, heads, 2, dim)))
+        doubled = question_pass(grounder.runner, window, ids, 4, segment_lengths=lengths,
+                                query_update=_doubling(heads, dim, (1,)))
+    torch.testing.assert_close(zero.attention.last, plain.attention.last)  # b = 0: the heads' own queries
+    torch.testing.assert_close(doubled.first, plain.first)  # the layers' outputs are untouched
+    torch.testing.assert_close(doubled.attention.last[0], plain.attention.last[0])  # other layers: as before
+    assert not torch.allclose(doubled.attention.last[1], plain.attention.last[1], atol=1e-4)
+    # the reference: the same pass through a model whose layer-1 q projection is doubled
+    model = copy.deepcopy(tiny_loaded.model)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.q_proj.weight.mul_(2.0)
+    ref_grounder = Grounder(type(tiny_loaded)(**{**tiny_loaded.__dict__, "model": model}))
+    ref_window = ref_grounder.encode([DOC])[0].windows[0]  # layer 1's keys and everything below: unchanged
+    with torch.inference_mode():
+        ref = question_pass(ref_grounder.runner, ref_window, ids, 4, segment_lengths=lengths)
+    torch.testing.assert_close(doubled.attention.last[1], ref.attention.last[1], atol=2e-4, rtol=1e-3)
+    torch.testing.assert_close(doubled.attention.mean[1], ref.attention.mean[1], atol=2e-4, rtol=1e-3)
+
+
+def test_the_update_travels_with_the_ranker_file_and_is_checked(tmp_path):
+    w = np.random.default_rng(0).normal(size=(2, 4, 3)).astype(np.float32)
+    base = AttentionRanker(w, 0.5, 2.0, fusion_power=-1.0)
+    a = np.random.default_rng(1).normal(size=(2, 3, 8, 2)).astype(np.float32)
+    b = np.random.default_rng(2).normal(size=(2, 3, 2, 8)).astype(np.float32)
+    ranker = base.with_query_update((1, 3), a, b)
+    ranker.save(tmp_path / "r.safetensors")
+    loaded = AttentionRanker.load(tmp_path / "r.safetensors")
+    assert loaded == ranker and loaded != base and loaded.query_layers == (1, 3)
+    np.testing.assert_array_equal(loaded.query_update.a.numpy(), a)
+    base.save(tmp_path / "plain.safetensors")
+    assert AttentionRanker.load(tmp_path / "plain.safetensors").query_update is None
+    assert ranker.with_fusion(3.0).query_layers == (1, 3)  # a refit of the fusion keeps the update
+    for bad in (((1,), a, b), ((1, 9), a, b), ((1, 3), a, None), ((1, 3), a[:, :2], b[:, :2]),
+                ((1, 3), a, b[..., :4]), ((1, 1), a, b)):
+        with pytest.raises(CficError):
+            base.with_query_update(*bad)
+
+
+def test_training_on_collected_material_reproduces_the_search_and_raises_the_answers_mass(tiny_loaded, tmp_path):
+    """The training's scores with no update are the grounder's own fused scores (from the same material), and a
+    few epochs on one question move mass onto its answer sentence."""
+    from cfic.training import query_heads as qh
+
+    ranker = AttentionRanker(np.random.default_rng(0).normal(
+        size=(2, 2, tiny_loaded.model.config.num_attention_heads)).astype(np.float32), 0.0, 8.0)
+    # a weak prior, so the attention decides and the answer does not start with all the mass
+    grounder = Grounder(tiny_loaded, GroundingConfig(prior=PriorWeights(0.1, 0.1, 0.1, 0.0), attention=ranker))
+    examples = [("nq", Example("q0", QUESTION, ("1066",), (DOC,), ())),
+                ("nq", Example("q1", "Who was the first ruler?", ("Rollo",), (DOC,), ()))]
+    assert qh.collect(grounder, examples, tmp_path, progress=False, layers=(1,)) == 0
+    items = qh.load_items(tmp_path)
+    assert len(items) == 2
+    item = next(it for it in items if it["id"] == "q0")
+    enc = grounder.encode([DOC])
+    window = enc[0].windows[0]
+    lengths = [len(enc[0].segment_ids[s]) for s in range(window.first, window.last)]
+    with torch.inference_mode():
+        att = question_pass(grounder.runner, window, grounder.template.query_ids(
+            grounder.tokenizer, QUESTION, grounder.config.max_query_tokens), 0, None, lengths).attention
+    want = ranker.fused(item["log_prior"], 0, att)
+    # queries and keys are stored in float16 (5 MB a question on the real model): close, and the same order
+    got = qh.fused_scores(item, ranker, None)
+    torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
+    assert torch.equal(torch.argsort(got, descending=True), torch.argsort(want, descending=True))
+
+    def answer_mass(update) -> float:
+        with torch.no_grad():
+            logp = torch.log_softmax(qh.fused_scores(item, ranker, update), 0)
+        return float(torch.logsumexp(logp[item["answer"]], 0))
+
+    assert answer_mass(None) < -0.3
+    a, b = qh.train_update([item], ranker, epochs=30, lr=3e-2, rank=2)
+    trained = ranker.with_query_update((1,), a, b)
+    assert answer_mass(trained.query_update) > answer_mass(None) + 0.05
