@@ -64,6 +64,7 @@ ATTENTION_METHODS = ("attention", "cfic-no-attention")
 HOP_METHOD = "cfic-hop2"
 READING_METHOD = "cfic-reading"  # cfic with the paragraph question-likelihood reading switched on
 SCORE_END_METHOD = "cfic-score-end"
+OWN_QUERIES_METHOD = "cfic-own-queries"  # cfic with the attention ranker reading the heads' own queries (no update)
 # Not among the defaults: the main cfic grounder with acceleration options (``cfic evaluate --swiftkv ...``), its own
 # row next to ``cfic`` so that the recall an acceleration costs gets a paired interval in one run.
 ACCEL_METHOD = "cfic-accel"
@@ -118,6 +119,7 @@ class EvalContext:
         self._embedder = None
         self._zero_shot: Any = None
         self._attention: Any = None
+        self._own_queries: Any = None
         self._sentences: dict[str, list[Sentence]] = {}
         self._vectors: dict[str, np.ndarray] = {}
 
@@ -305,6 +307,27 @@ class CficMethod(Method):
                      and abstention.abstains(p_none))
         return MethodOutput(spans, result.no_evidence, stages, 0 if abstained else len(chosen),
                             no_evidence_probability=p_none, abstained=abstained)
+
+
+class OwnQueriesCficMethod(CficMethod):
+    """cfic whose attention ranker reads the heads' own queries (its learned query update off), on cfic's own
+    encodings: what the update adds, paired in one run."""
+
+    def __init__(self, threshold: float | None = None) -> None:
+        super().__init__(OWN_QUERIES_METHOD, True, threshold)
+
+    def grounder(self, ctx: EvalContext) -> Any:
+        main = ctx.grounder
+        ranker = main.config.attention
+        if ranker is None or ranker.query_update is None:
+            raise CficError(f"{OWN_QUERIES_METHOD} needs an attention ranker with a query update (cfic "
+                            "fit-query-heads)")
+        if ctx._own_queries is None:
+            from cfic.grounder import Grounder
+
+            ctx._own_queries = Grounder(main.loaded, main.config.with_options(
+                attention=ranker.with_query_update((), None, None)), main.swiftkv, sentence_prior=main.sentence_prior)
+        return ctx._own_queries
 
 
 class ZeroShotCficMethod(CficMethod):
@@ -539,6 +562,7 @@ def make_methods(names: Sequence[str], *, generate_max_tokens: int = GENERATE_MA
         READING_METHOD: lambda: CficMethod(READING_METHOD, True, threshold, use_question_likelihood=True),
         HOP_METHOD: lambda: CficMethod(HOP_METHOD, True, threshold, hops=2),
         SCORE_END_METHOD: lambda: CficMethod(SCORE_END_METHOD, True, threshold, score_end=True),
+        OWN_QUERIES_METHOD: lambda: OwnQueriesCficMethod(threshold),
         "prior": PriorMethod,
         "attention": AttentionMethod,
         "cfic-zero-shot": lambda: ZeroShotCficMethod(threshold),
@@ -561,7 +585,8 @@ def make_methods(names: Sequence[str], *, generate_max_tokens: int = GENERATE_MA
     return out
 
 
-_ALL = (*METHOD_NAMES, *ATTENTION_METHODS, HOP_METHOD, READING_METHOD, SCORE_END_METHOD, ACCEL_METHOD)
+_ALL = (*METHOD_NAMES, *ATTENTION_METHODS, HOP_METHOD, READING_METHOD, SCORE_END_METHOD, OWN_QUERIES_METHOD,
+        ACCEL_METHOD)
 
 
 def span_budget_of(name: str) -> int | None:

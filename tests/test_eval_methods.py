@@ -130,3 +130,34 @@ def test_prior_method_ranks_by_the_fitted_weights_and_cfic_lm_only_skips_the_pri
     lm_only = run(CficMethod("cfic-lm-only", True, use_prior=False), bm25_only)
     plain = run(CficMethod("cfic", True), EvalContext(grounder=Grounder(tiny_loaded)))
     assert [(s.start, s.end) for s in lm_only.spans] == [(s.start, s.end) for s in plain.spans]
+
+
+def test_own_queries_row_turns_only_the_query_update_off(tiny_loaded):
+    """``cfic-own-queries`` grounds with the same ranker minus its query update: with an update that changes the
+    start it gives the evidence of the ranker without one; without an update it is a clear error."""
+    import numpy as np
+
+    from cfic.attention import AttentionRanker
+    from cfic.config import GroundingConfig
+    from cfic.errors import CficError
+    from cfic.eval.methods import make_methods
+    from cfic.grounder import Grounder
+    from cfic.prior import PriorWeights
+
+    heads = tiny_loaded.model.config.num_attention_heads
+    dim = tiny_loaded.model.config.hidden_size // heads
+    w = np.random.default_rng(3).normal(size=(2, 2, heads)).astype(np.float32) * 4
+    plain = AttentionRanker(w, 0.0, 50.0)
+    rng = np.random.default_rng(4)
+    updated = plain.with_query_update((0, 1), rng.normal(size=(2, heads, dim, 2)).astype(np.float32) * 2,
+                                      rng.normal(size=(2, heads, 2, dim)).astype(np.float32) * 2)
+    base = GroundingConfig(prior=PriorWeights(0.1, 0.1, 0.1, 0.0), top_k=1)
+    with_update = Grounder(tiny_loaded, base.with_options(attention=updated))
+    without = Grounder(tiny_loaded, base.with_options(attention=plain), sentence_prior=with_update.sentence_prior)
+    (method,) = make_methods(["cfic-own-queries"])
+    ctx = EvalContext(grounder=with_update)
+    got = [s.text for s in run(method, ctx).spans]
+    assert got == [e.text for e in without.ground(EXAMPLE.question, [DOC], abstain=False).evidence]
+    assert got != [e.text for e in with_update.ground(EXAMPLE.question, [DOC], abstain=False).evidence]
+    with pytest.raises(CficError):
+        run(method, EvalContext(grounder=without))
