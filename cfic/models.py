@@ -106,7 +106,9 @@ def adapter_settings(adapter: str | os.PathLike | None, skip: Collection[str] = 
         if isinstance(data.get("attention"), dict) and data["attention"].get("file") and "attention" not in skip:
             from cfic.attention import AttentionRanker
 
-            out["attention"] = AttentionRanker.load(Path(adapter) / str(data["attention"]["file"]))
+            queries = data["attention"].get("query_update")  # the ranker with learned queries, when switched on
+            use = queries if isinstance(queries, dict) and queries.get("enabled") is True else data["attention"]
+            out["attention"] = AttentionRanker.load(Path(adapter) / str(use["file"]))
         if isinstance(data.get("question_likelihood"), dict) and "question_likelihood" not in skip:
             from cfic.question_likelihood import QuestionLikelihood
 
@@ -125,6 +127,17 @@ def adapter_attention_entry(adapter: str | os.PathLike | None) -> dict:
     except (OSError, ValueError, AttributeError) as exc:
         raise ModelLoadError(f"unreadable adapter settings in {adapter}: {exc}") from exc
     return entry if isinstance(entry, dict) else {}
+
+
+def adapter_query_ranker(adapter: str | os.PathLike | None) -> AttentionRanker | None:
+    """The attention ranker with its learned query update (``cfic fit-query-heads``), switched on or not, or None
+    when the adapter has none."""
+    entry = adapter_attention_entry(adapter).get("query_update")
+    if not isinstance(entry, dict) or not entry.get("file"):
+        return None
+    from cfic.attention import AttentionRanker
+
+    return AttentionRanker.load(Path(str(adapter)) / str(entry["file"]))
 
 
 def adapter_attention_alone(adapter: str | os.PathLike | None) -> AttentionRanker | None:

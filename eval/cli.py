@@ -17,8 +17,8 @@ METHODS_HELP = ("Comma-separated: cfic, cfic-lm-only, cfic-no-skip, cfic-zero-sh
                 "by itself when one is given), and cfic-budget<N>, e.g. cfic-budget96 (cfic with a skip-decoding "
                 "budget of N tokens on cfic's own encodings); with an attention ranker also attention (the ranker "
                 "alone) and cfic-no-attention (starts by the prior alone); cfic-hop2 (a second hop); "
-                "cfic-reading (the paragraph question-likelihood reading on); cfic-own-queries (the ranker "
-                "without its learned query update).")
+                "cfic-reading (the paragraph question-likelihood reading on); cfic-query-update (the ranker "
+                "reading learned queries, cfic fit-query-heads).")
 
 
 def _command_line(**options: object) -> str:

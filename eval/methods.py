@@ -64,7 +64,7 @@ ATTENTION_METHODS = ("attention", "cfic-no-attention")
 HOP_METHOD = "cfic-hop2"
 READING_METHOD = "cfic-reading"  # cfic with the paragraph question-likelihood reading switched on
 SCORE_END_METHOD = "cfic-score-end"
-OWN_QUERIES_METHOD = "cfic-own-queries"  # cfic with the attention ranker reading the heads' own queries (no update)
+QUERY_UPDATE_METHOD = "cfic-query-update"  # cfic with the ranker reading learned queries (cfic fit-query-heads)
 # Not among the defaults: the main cfic grounder with acceleration options (``cfic evaluate --swiftkv ...``), its own
 # row next to ``cfic`` so that the recall an acceleration costs gets a paired interval in one run.
 ACCEL_METHOD = "cfic-accel"
@@ -119,7 +119,7 @@ class EvalContext:
         self._embedder = None
         self._zero_shot: Any = None
         self._attention: Any = None
-        self._own_queries: Any = None
+        self._query_update: Any = None
         self._sentences: dict[str, list[Sentence]] = {}
         self._vectors: dict[str, np.ndarray] = {}
 
@@ -309,25 +309,26 @@ class CficMethod(Method):
                             no_evidence_probability=p_none, abstained=abstained)
 
 
-class OwnQueriesCficMethod(CficMethod):
-    """cfic whose attention ranker reads the heads' own queries (its learned query update off), on cfic's own
-    encodings: what the update adds, paired in one run."""
+class QueryUpdateCficMethod(CficMethod):
+    """cfic with the adapter's attention ranker that reads learned queries (``cfic fit-query-heads``; shipped
+    switched off or on), on cfic's own encodings: what the update adds, paired in one run."""
 
     def __init__(self, threshold: float | None = None) -> None:
-        super().__init__(OWN_QUERIES_METHOD, True, threshold)
+        super().__init__(QUERY_UPDATE_METHOD, True, threshold)
 
     def grounder(self, ctx: EvalContext) -> Any:
-        main = ctx.grounder
-        ranker = main.config.attention
-        if ranker is None or ranker.query_update is None:
-            raise CficError(f"{OWN_QUERIES_METHOD} needs an attention ranker with a query update (cfic "
-                            "fit-query-heads)")
-        if ctx._own_queries is None:
+        if ctx._query_update is None:
             from cfic.grounder import Grounder
+            from cfic.models import adapter_query_ranker
 
-            ctx._own_queries = Grounder(main.loaded, main.config.with_options(
-                attention=ranker.with_query_update((), None, None)), main.swiftkv, sentence_prior=main.sentence_prior)
-        return ctx._own_queries
+            main = ctx.grounder
+            ranker = adapter_query_ranker(main.loaded.adapter)
+            if ranker is None:
+                raise CficError(f"{QUERY_UPDATE_METHOD} needs the adapter's ranker with a query update (cfic "
+                                "fit-query-heads)")
+            ctx._query_update = Grounder(main.loaded, main.config.with_options(attention=ranker), main.swiftkv,
+                                         sentence_prior=main.sentence_prior)
+        return ctx._query_update
 
 
 class ZeroShotCficMethod(CficMethod):
@@ -562,7 +563,7 @@ def make_methods(names: Sequence[str], *, generate_max_tokens: int = GENERATE_MA
         READING_METHOD: lambda: CficMethod(READING_METHOD, True, threshold, use_question_likelihood=True),
         HOP_METHOD: lambda: CficMethod(HOP_METHOD, True, threshold, hops=2),
         SCORE_END_METHOD: lambda: CficMethod(SCORE_END_METHOD, True, threshold, score_end=True),
-        OWN_QUERIES_METHOD: lambda: OwnQueriesCficMethod(threshold),
+        QUERY_UPDATE_METHOD: lambda: QueryUpdateCficMethod(threshold),
         "prior": PriorMethod,
         "attention": AttentionMethod,
         "cfic-zero-shot": lambda: ZeroShotCficMethod(threshold),
@@ -585,7 +586,7 @@ def make_methods(names: Sequence[str], *, generate_max_tokens: int = GENERATE_MA
     return out
 
 
-_ALL = (*METHOD_NAMES, *ATTENTION_METHODS, HOP_METHOD, READING_METHOD, SCORE_END_METHOD, OWN_QUERIES_METHOD,
+_ALL = (*METHOD_NAMES, *ATTENTION_METHODS, HOP_METHOD, READING_METHOD, SCORE_END_METHOD, QUERY_UPDATE_METHOD,
         ACCEL_METHOD)
 
 

@@ -132,9 +132,13 @@ def test_prior_method_ranks_by_the_fitted_weights_and_cfic_lm_only_skips_the_pri
     assert [(s.start, s.end) for s in lm_only.spans] == [(s.start, s.end) for s in plain.spans]
 
 
-def test_own_queries_row_turns_only_the_query_update_off(tiny_loaded):
-    """``cfic-own-queries`` grounds with the same ranker minus its query update: with an update that changes the
-    start it gives the evidence of the ranker without one; without an update it is a clear error."""
+def test_query_update_row_grounds_with_the_adapters_updated_ranker(tiny_loaded, tmp_path):
+    """``cfic-query-update`` grounds with the adapter's ranker that reads learned queries while cfic keeps the
+    shipped one (the update is fitted but switched off); ``enabled`` makes cfic itself use it; an adapter without
+    one is a clear error."""
+    import dataclasses
+    import json
+
     import numpy as np
 
     from cfic.attention import AttentionRanker
@@ -142,6 +146,7 @@ def test_own_queries_row_turns_only_the_query_update_off(tiny_loaded):
     from cfic.errors import CficError
     from cfic.eval.methods import make_methods
     from cfic.grounder import Grounder
+    from cfic.models import adapter_settings
     from cfic.prior import PriorWeights
 
     heads = tiny_loaded.model.config.num_attention_heads
@@ -151,13 +156,23 @@ def test_own_queries_row_turns_only_the_query_update_off(tiny_loaded):
     rng = np.random.default_rng(4)
     updated = plain.with_query_update((0, 1), rng.normal(size=(2, heads, dim, 2)).astype(np.float32) * 2,
                                       rng.normal(size=(2, heads, 2, dim)).astype(np.float32) * 2)
-    base = GroundingConfig(prior=PriorWeights(0.1, 0.1, 0.1, 0.0), top_k=1)
-    with_update = Grounder(tiny_loaded, base.with_options(attention=updated))
-    without = Grounder(tiny_loaded, base.with_options(attention=plain), sentence_prior=with_update.sentence_prior)
-    (method,) = make_methods(["cfic-own-queries"])
-    ctx = EvalContext(grounder=with_update)
-    got = [s.text for s in run(method, ctx).spans]
-    assert got == [e.text for e in without.ground(EXAMPLE.question, [DOC], abstain=False).evidence]
-    assert got != [e.text for e in with_update.ground(EXAMPLE.question, [DOC], abstain=False).evidence]
+    plain.save(tmp_path / "ranker.safetensors")
+    updated.save(tmp_path / "queries.safetensors")
+    settings = {"prior": PriorWeights(0.1, 0.1, 0.1, 0.0).to_dict(),
+                "attention": {"file": "ranker.safetensors",
+                              "query_update": {"file": "queries.safetensors", "enabled": False}}}
+    (tmp_path / "cfic.json").write_text(json.dumps(settings))
+    loaded = dataclasses.replace(tiny_loaded, adapter=tmp_path)
+    shipped = Grounder(loaded, GroundingConfig(**adapter_settings(tmp_path), top_k=1))
+    assert shipped.config.attention == plain
+    with_update = Grounder(tiny_loaded, shipped.config.with_options(attention=updated),
+                           sentence_prior=shipped.sentence_prior)
+    (method,) = make_methods(["cfic-query-update"])
+    got = [s.text for s in run(method, EvalContext(grounder=shipped)).spans]
+    assert got == [e.text for e in with_update.ground(EXAMPLE.question, [DOC], abstain=False).evidence]
+    assert got != [e.text for e in shipped.ground(EXAMPLE.question, [DOC], abstain=False).evidence]
+    settings["attention"]["query_update"]["enabled"] = True
+    (tmp_path / "cfic.json").write_text(json.dumps(settings))
+    assert adapter_settings(tmp_path)["attention"] == updated
     with pytest.raises(CficError):
-        run(method, EvalContext(grounder=without))
+        run(method, EvalContext(grounder=Grounder(tiny_loaded)))

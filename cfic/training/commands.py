@@ -151,14 +151,16 @@ def fit_query_heads_command(
     folds: Annotated[int, typer.Option("--folds", min=2, help="Cross-validation folds of the report.")] = 4,
     material: Annotated[str, typer.Option("--material", help="Folder for the question passes' queries and keys "
                                           "(one file per question, ~5 MB each; a run resumes).")] = "runs/query-heads",
-    adapter: Annotated[str | None, typer.Option("--adapter", help="Adapter folder (default: the bundled one); its "
-                                                "attention ranker and cfic.json are written.")] = None,
+    adapter: Annotated[str | None, typer.Option("--adapter", help="Adapter folder (default: the bundled one); the "
+                                                "ranker with the update is written next to its ranker.")] = None,
+    enable: Annotated[bool, typer.Option("--enable", help="Ground with the updated ranker (cfic.json's "
+                                         "attention.query_update.enabled); default: fitted, switched off.")] = False,
 ) -> None:
     """Train a low-rank change of a few layers' queries so the attention ranker's heads rank evidence (the ranker's
     weights and fusion stay); cross-validated on the training side, then fitted on all of it."""
     from cfic.training.query_heads import fit_query_heads
 
-    _print_report(fit_query_heads(material, nq, hotpot, adapter, epochs, folds))
+    _print_report(fit_query_heads(material, nq, hotpot, adapter, epochs, folds, enable=enable))
 
 
 def fit_abstention_command(

@@ -28,6 +28,7 @@ import torch
 LAYERS = (7, 11, 12, 13, 14)
 RANK = 4
 NQ_OFFSET = 460  # after cfic fit-prior's NQ questions (0-459), as cfic fit-attention reads
+QUERY_RANKER_FILE = "attention_ranker_queries.safetensors"  # the adapter's ranker with the learned query update
 
 
 def collect(grounder: Any, examples: list[tuple[str, Any]], folder: Path, progress: bool = True,
@@ -192,10 +193,10 @@ def cross_validate(items: list[dict], ranker: Any, folds: int, epochs: int, lr: 
 
 def fit_query_heads(material: str | Path = "runs/query-heads", n_nq: int = 400, n_hotpot: int = 100,
                     adapter: str | None = None, epochs: int = 6, folds: int = 4, lr: float = 3e-3, l2: float = 1e-3,
-                    progress: bool = True) -> dict[str, Any]:
-    """Collect, cross-validate, fit on all the material and write the query update into the adapter's attention
-    ranker (its ``cfic.json`` records the report under ``attention.query_update``)."""
-    from cfic.attention import RANKER_FILE
+                    progress: bool = True, enable: bool = False) -> dict[str, Any]:
+    """Collect, cross-validate, fit on all the material and write the ranker with the query update next to the
+    adapter's ranker (``QUERY_RANKER_FILE``; ``cfic.json``: ``attention.query_update`` with the report and
+    ``enabled``, which makes grounding use it)."""
     from cfic.eval import load_split
     from cfic.grounder import Grounder
     from cfic.models import ADAPTER_SETTINGS
@@ -207,7 +208,7 @@ def fit_query_heads(material: str | Path = "runs/query-heads", n_nq: int = 400, 
     ranker = grounder.config.attention
     if ranker is None:
         raise ValueError("the adapter has no attention ranker: run cfic fit-attention first")
-    base = ranker.with_query_update((), None, None)  # a refit starts from the heads' own queries
+    base = ranker.with_query_update((), None, None)  # the adapter's ranker, reading the heads' own queries
     examples = [("nq", ex) for ex in load_split("nq", "train")[NQ_OFFSET: NQ_OFFSET + n_nq]]
     examples += [("hotpotqa", ex) for ex in load_split("hotpotqa", "train")[:n_hotpot]]
     skipped = collect(grounder, examples, Path(material), progress)
@@ -220,6 +221,7 @@ def fit_query_heads(material: str | Path = "runs/query-heads", n_nq: int = 400, 
               "skipped_multi_window": skipped, "cross_validated": cv,
               "source": f"training splits only: nq train {NQ_OFFSET}-{NQ_OFFSET + n_nq - 1}, hotpotqa train "
                         f"0-{n_hotpot - 1}", "seconds": round(time.time() - t0, 1)}
-    fitted.save(folder / RANKER_FILE, {"source": report["source"], "query_update": json.dumps(report["items"])})
-    update_settings(folder / ADAPTER_SETTINGS, lambda s: s["attention"].update({"query_update": report}))
+    fitted.save(folder / QUERY_RANKER_FILE, {"source": report["source"], "items": json.dumps(report["items"])})
+    update_settings(folder / ADAPTER_SETTINGS, lambda s: s["attention"].update(
+        {"query_update": {"file": QUERY_RANKER_FILE, "enabled": enable, "fit": report}}))
     return report
