@@ -7,7 +7,8 @@ limits are in the published schema). ``build_router`` receives that model and de
 the route it creates, so FastAPI validates with it and documents it like any other annotated body.
 
 A request's model work is abandoned when it times out or its client disconnects (``ground`` watches the ASGI
-``http.disconnect`` message while it waits); the worker then stops that work between prefill passes or windows."""
+``http.disconnect`` message while it waits); the worker then stops that work between prefill passes, readings or
+windows."""
 
 # No ``from __future__ import annotations`` here: ``build_router`` annotates the body with a model held in a local
 # variable, which FastAPI can only resolve when the annotation is evaluated where the route is defined.
@@ -121,7 +122,7 @@ async def ground(body: GroundRequest, request: Request, worker: ModelWorker,
             await gone
     if not job.future.done():
         # Abandoned: a job still waiting leaves the queue now, a running one is stopped by the worker at its
-        # next cancellation point (between prefill passes or windows), so the model moves on.
+        # next cancellation point (between prefill passes, readings or windows), so the model moves on.
         worker.abandon(job)
         if gone.done() and not gone.cancelled():
             # Nobody reads this answer; the status (nginx's 499) is for the log line.

@@ -105,7 +105,7 @@ class WorkerStats:
     rejected: int = 0
     timed_out: int = 0  # answered 504 (counted by the request side)
     skipped: int = 0  # abandoned before the worker ran them (their model work was saved)
-    cancelled: int = 0  # abandoned while the worker ran them: stopped between prefill passes or windows
+    cancelled: int = 0  # abandoned while the worker ran them: stopped between prefill passes, readings or windows
     batches: int = 0
     max_batch_seen: int = 0
 

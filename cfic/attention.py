@@ -81,6 +81,7 @@ class AttentionRanker(SameByDigest):
             raise CficError("attention ranker has non-finite weights")
         if self.fusion < 0 or self.eps <= 0:
             raise CficError("attention ranker needs fusion >= 0 and eps > 0")
+        object.__setattr__(self, "query_layers", tuple(int(i) for i in self.query_layers))  # one digest per ranker
         if (self.query_a is None) != (self.query_b is None) or (self.query_a is None) != (not self.query_layers):
             raise CficError("attention ranker query update needs its layers, a and b together")
         if self.query_a is not None and self.query_b is not None:
@@ -89,12 +90,12 @@ class AttentionRanker(SameByDigest):
             if max(self.query_layers) >= self.weights.shape[1] or min(self.query_layers) < 0:
                 raise CficError(f"attention ranker query update layers {self.query_layers} outside the model's "
                                 f"{self.weights.shape[1]}")
-            if self.query_a.shape[1] != self.weights.shape[2]:
-                raise CficError("attention ranker query update has another head count than its weights")
-            try:
-                self.query_update  # noqa: B018  (shapes checked where they are used)
+            try:  # QueryUpdate checks the shapes agree with each other and with the layers
+                self.query_update  # noqa: B018
             except ValueError as exc:
                 raise CficError(f"attention ranker {exc}") from exc
+            if self.query_a.shape[1] != self.weights.shape[2]:
+                raise CficError("attention ranker query update has another head count than its weights")
 
     @cached_property
     def query_update(self) -> QueryUpdate | None:

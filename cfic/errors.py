@@ -34,5 +34,6 @@ def require_positive_int(name: str, value: object) -> int:
 
 
 class GroundingCancelled(Exception):  # noqa: N818 - a signal, not a failure of the caller's input
-    """The caller's ``cancel`` callback said stop (deadline passed, client left): raised between encode batches
-    and between windows, so abandoned work frees the model within one step instead of running to the end."""
+    """The caller's ``cancel`` callback said stop (deadline passed, client left): raised between encode batches,
+    before a paragraph reading and between windows, so abandoned work frees the model within one step instead of
+    running to the end."""

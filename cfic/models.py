@@ -106,9 +106,10 @@ def adapter_settings(adapter: str | os.PathLike | None, skip: Collection[str] = 
         if isinstance(data.get("attention"), dict) and data["attention"].get("file") and "attention" not in skip:
             from cfic.attention import AttentionRanker
 
+            out["attention"] = AttentionRanker.load(Path(adapter) / str(data["attention"]["file"]))
             queries = data["attention"].get("query_update")  # the ranker with learned queries, when switched on
-            use = queries if isinstance(queries, dict) and queries.get("enabled") is True else data["attention"]
-            out["attention"] = AttentionRanker.load(Path(adapter) / str(use["file"]))
+            if isinstance(queries, dict) and queries.get("enabled") is True:
+                out["attention"] = _query_ranker(Path(adapter), queries, out["attention"])
         if isinstance(data.get("question_likelihood"), dict) and "question_likelihood" not in skip:
             from cfic.question_likelihood import QuestionLikelihood
 
@@ -132,12 +133,28 @@ def adapter_attention_entry(adapter: str | os.PathLike | None) -> dict:
 def adapter_query_ranker(adapter: str | os.PathLike | None) -> AttentionRanker | None:
     """The attention ranker with its learned query update (``cfic fit-query-heads``), switched on or not, or None
     when the adapter has none."""
-    entry = adapter_attention_entry(adapter).get("query_update")
-    if not isinstance(entry, dict) or not entry.get("file"):
-        return None
     from cfic.attention import AttentionRanker
 
-    return AttentionRanker.load(Path(str(adapter)) / str(entry["file"]))
+    entry = adapter_attention_entry(adapter)
+    queries = entry.get("query_update")
+    if not isinstance(queries, dict) or not entry.get("file"):
+        return None
+    folder = Path(str(adapter))
+    return _query_ranker(folder, queries, AttentionRanker.load(folder / str(entry["file"])))
+
+
+def _query_ranker(folder: Path, entry: dict, ranker: AttentionRanker) -> AttentionRanker:
+    """The ranker file of ``entry`` (``attention.query_update``), refused unless it is ``ranker`` plus an update: the
+    update was trained through that ranker's weights, so after a refit of the ranker it is stale."""
+    from cfic.attention import AttentionRanker
+
+    if not entry.get("file"):
+        raise ModelLoadError(f"{folder / ADAPTER_SETTINGS}: attention.query_update has no file")
+    updated = AttentionRanker.load(folder / str(entry["file"]))
+    if updated.query_update is None or updated.with_query_update((), None, None) != ranker:
+        raise ModelLoadError(f"{folder / entry['file']} is not the adapter's attention ranker with a query update "
+                             "(stale after cfic fit-attention?): rerun cfic fit-query-heads")
+    return updated
 
 
 def adapter_attention_alone(adapter: str | os.PathLike | None) -> AttentionRanker | None:

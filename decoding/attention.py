@@ -67,7 +67,7 @@ def sentence_attention_masses(query: Tensor, keys: Tensor, bounds: Tensor, scale
     return cumulative[..., bounds[1:]] - cumulative[..., bounds[:-1]]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensors: no field-wise equality (the ranker holding it compares by digest)
 class QueryUpdate:
     """A learned low-rank change of some layers' rotated queries, for the tap's attention only: ``q + (q a) b`` per
     head. Why: the heads' attention as the LM computes it ranks NQ's evidence no better than the prior (issue 29,

@@ -75,3 +75,31 @@ def test_training_on_collected_material_reproduces_the_search_and_raises_the_ans
     a, b = qh.train_update([item], ranker, epochs=30, lr=3e-2, rank=2)
     trained = ranker.with_query_update((1,), a, b)
     assert answer_mass(trained.query_update) > answer_mass(None) + 0.05
+
+
+def test_a_query_update_trained_through_another_ranker_is_refused(tmp_path):
+    """After ``cfic fit-attention`` refits the ranker, an update trained through the old weights is stale: switched
+    on, loading says so instead of grounding with weights nobody fitted together."""
+    import json
+
+    from cfic.models import ModelLoadError, adapter_query_ranker, adapter_settings
+
+    rng = np.random.default_rng(5)
+    old = AttentionRanker(rng.normal(size=(2, 4, 3)).astype(np.float32), 0.0, 2.0)
+    new = AttentionRanker(rng.normal(size=(2, 4, 3)).astype(np.float32), 0.0, 2.0)
+    update = (1,), rng.normal(size=(1, 3, 8, 2)).astype(np.float32), rng.normal(size=(1, 3, 2, 8)).astype(np.float32)
+    old.with_query_update(*update).save(tmp_path / "queries.safetensors")
+    new.save(tmp_path / "ranker.safetensors")
+    entry = {"file": "ranker.safetensors", "query_update": {"file": "queries.safetensors", "enabled": False}}
+    (tmp_path / "cfic.json").write_text(json.dumps({"attention": entry}))
+    assert adapter_settings(tmp_path)["attention"] == new  # switched off: the ranker alone, the file never read
+    with pytest.raises(ModelLoadError):
+        adapter_query_ranker(tmp_path)
+    entry["query_update"]["enabled"] = True
+    (tmp_path / "cfic.json").write_text(json.dumps({"attention": entry}))
+    with pytest.raises(ModelLoadError):
+        adapter_settings(tmp_path)
+    new.with_query_update(*update).save(tmp_path / "queries.safetensors")  # refitted through the new ranker
+    assert adapter_settings(tmp_path)["attention"] == new.with_query_update(*update)
+    with pytest.raises(CficError):  # a corrupt update (wrong rank) is a clear error, not an IndexError
+        new.with_query_update((1,), update[1][0], update[2])

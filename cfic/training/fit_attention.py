@@ -185,8 +185,9 @@ def fit_attention(material: str | Path = "runs/attention", n_nq: int = 200, n_ho
     ``cfic.json`` (or ``out``'s folder): ``attention_ranker.safetensors``, the one fused into the search (the best
     cross-validated fused setting: weights fitted on top of the prior, or alone), and
     ``attention_ranker_alone.safetensors``, the attention ranking fitted without the prior (``cfic evaluate``'s
-    ``attention`` row). ``calibrated``: None chooses with or without the content-free question by the same
-    cross-validation."""
+    ``attention`` row). The new entry replaces the old one whole, so a ``query_update`` (``cfic fit-query-heads``,
+    trained through the old ranker's weights) is dropped with it: fit it again. ``calibrated``: None chooses with or
+    without the content-free question by the same cross-validation."""
     from tqdm.auto import tqdm
 
     from cfic.eval.compare import paired_bootstrap

@@ -87,26 +87,30 @@ def collect(grounder: Any, examples: list[tuple[str, Any]], folder: Path, progre
         att = tap.result()
         answer = [contains_answer(s.text, ex.answers) for s in enc.sentences[window.first: window.last]]
         dim = tap.queries[layers[0]].shape[-1]
-        scale = getattr(grounder.runner.layers[layers[0]].self_attn, "scaling", dim ** -0.5)
+        scales = [float(getattr(grounder.runner.layers[i].self_attn, "scaling", dim ** -0.5)) for i in layers]
+        partial = out.with_suffix(".partial")  # renamed when whole: an interrupted run never leaves half a file
         torch.save({"source": source, "id": ex.id, "doc_start": start, "bounds": tap.bounds.cpu(),
-                    "layers": list(layers), "scale": float(scale),
+                    "layers": list(layers), "scale": scales,
                     "queries": torch.stack([tap.queries[i] for i in layers]).cpu(),
                     "keys": torch.stack([tap.keys[i] for i in layers]).cpu(),
                     "last": att.last.float().cpu(), "mean": att.mean.float().cpu(), "tokens": att.tokens.cpu(),
                     "log_prior": torch.from_numpy(log_prior[window.first: window.last].copy()),
-                    "answer": torch.tensor(answer)}, out)
+                    "answer": torch.tensor(answer)}, partial)
+        partial.replace(out)
     return skipped
 
 
-def load_items(folder: Path) -> list[dict]:
-    """The collected material with at least one answer sentence (the loss needs one)."""
-    items = [torch.load(p) for p in sorted(folder.glob("*.pt"))]
+def load_items(folder: Path, examples: list[tuple[str, Any]] | None = None) -> list[dict]:
+    """The collected material with at least one answer sentence (the loss needs one); ``examples``: only theirs."""
+    paths = (sorted(folder.glob("*.pt")) if examples is None
+             else [folder / f"{source}-{ex.id}.pt" for source, ex in examples])
+    items = [torch.load(p, weights_only=True) for p in paths if p.is_file()]
     return [it for it in items if bool(it["answer"].any())]
 
 
 def fused_scores(item: dict, ranker: Any, update: Any | None) -> torch.Tensor:
     """The search's fused per-sentence scores for one item (``AttentionRanker.fused``), with the ranker's features
-    of ``LAYERS`` recomputed from the stored queries (changed by ``update``) and keys."""
+    of the item's layers recomputed from the stored queries (changed by ``update``) and keys."""
     from cfic.decoding.attention import SentenceAttention, sentence_attention_masses
     from cfic.decoding.runner import causal_extension_mask
 
@@ -119,7 +123,8 @@ def fused_scores(item: dict, ranker: Any, update: Any | None) -> torch.Tensor:
         q = item["queries"][i].float().unsqueeze(0)
         if update is not None:
             q = update.apply(layer, q)
-        masses = sentence_attention_masses(q[0], item["keys"][i], item["bounds"], item["scale"], mask)
+        scale = item["scale"][i] if isinstance(item["scale"], list) else item["scale"]
+        masses = sentence_attention_masses(q[0], item["keys"][i], item["bounds"], scale, mask)
         new_last.append(masses[:, -1])
         new_mean.append(masses.mean(1))
     idx = torch.tensor(layers)
@@ -197,6 +202,7 @@ def fit_query_heads(material: str | Path = "runs/query-heads", n_nq: int = 400, 
     """Collect, cross-validate, fit on all the material and write the ranker with the query update next to the
     adapter's ranker (``QUERY_RANKER_FILE``; ``cfic.json``: ``attention.query_update`` with the report and
     ``enabled``, which makes grounding use it)."""
+    from cfic.errors import CficError
     from cfic.eval import load_split
     from cfic.grounder import Grounder
     from cfic.models import ADAPTER_SETTINGS
@@ -205,14 +211,23 @@ def fit_query_heads(material: str | Path = "runs/query-heads", n_nq: int = 400, 
     t0 = time.time()
     folder = adapter_folder(adapter, "the query heads")
     grounder = Grounder.from_pretrained(None, adapter=folder)
-    ranker = grounder.config.attention
-    if ranker is None:
-        raise ValueError("the adapter has no attention ranker: run cfic fit-attention first")
+    ranker, prior = grounder.config.attention, grounder.config.prior
+    if ranker is None or prior is None:
+        raise CficError("fit-query-heads trains through the adapter's attention ranker and prior: run cfic "
+                        "fit-prior and cfic fit-attention first")
+    if ranker.calibrated:
+        raise CficError("fit-query-heads does not train a calibrated ranker (it would need the content-free "
+                        "question's pass too): refit with cfic fit-attention")
+    sw = grounder.runner.swiftkv
+    if sw is not None and sw.layer <= max(LAYERS):
+        raise CficError(f"SwiftKV from layer {sw.layer} runs only the question's last token at layers {LAYERS}")
     base = ranker.with_query_update((), None, None)  # the adapter's ranker, reading the heads' own queries
     examples = [("nq", ex) for ex in load_split("nq", "train")[NQ_OFFSET: NQ_OFFSET + n_nq]]
     examples += [("hotpotqa", ex) for ex in load_split("hotpotqa", "train")[:n_hotpot]]
     skipped = collect(grounder, examples, Path(material), progress)
-    items = load_items(Path(material))
+    items = load_items(Path(material), examples)
+    if not items or any(tuple(it.get("layers", LAYERS)) != LAYERS for it in items):
+        raise CficError(f"{material}: no material, or material of other layers than {LAYERS} (use a fresh folder)")
     cv = cross_validate(items, base, folds, epochs, lr, l2, progress)
     a, b = train_update(items, base, epochs, lr, l2, progress=progress)
     fitted = base.with_query_update(LAYERS, a, b)
