@@ -176,6 +176,23 @@ class EvalContext:
         return self._attention
 
     @property
+    def query_update_grounder(self) -> Any:
+        """The main grounder with the adapter's ranker that reads learned queries (switched on or not; same
+        encodings)."""
+        if self._query_update is None:
+            from cfic.grounder import Grounder
+            from cfic.models import adapter_query_ranker
+
+            main = self.grounder
+            ranker = adapter_query_ranker(main.loaded.adapter)
+            if ranker is None:
+                raise CficError(f"{QUERY_UPDATE_METHOD} needs the adapter's ranker with a query update (cfic "
+                                "fit-query-heads)")
+            self._query_update = Grounder(main.loaded, main.config.with_options(attention=ranker), main.swiftkv,
+                                          sentence_prior=main.sentence_prior)
+        return self._query_update
+
+    @property
     def zero_shot_grounder(self) -> Any:
         """The same model without its adapter (the main grounder itself when it has none)."""
         main = self.grounder
@@ -317,18 +334,7 @@ class QueryUpdateCficMethod(CficMethod):
         super().__init__(QUERY_UPDATE_METHOD, True, threshold)
 
     def grounder(self, ctx: EvalContext) -> Any:
-        if ctx._query_update is None:
-            from cfic.grounder import Grounder
-            from cfic.models import adapter_query_ranker
-
-            main = ctx.grounder
-            ranker = adapter_query_ranker(main.loaded.adapter)
-            if ranker is None:
-                raise CficError(f"{QUERY_UPDATE_METHOD} needs the adapter's ranker with a query update (cfic "
-                                "fit-query-heads)")
-            ctx._query_update = Grounder(main.loaded, main.config.with_options(attention=ranker), main.swiftkv,
-                                         sentence_prior=main.sentence_prior)
-        return ctx._query_update
+        return ctx.query_update_grounder
 
 
 class ZeroShotCficMethod(CficMethod):
