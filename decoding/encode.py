@@ -331,12 +331,15 @@ class QuestionPass(NamedTuple):
 def question_pass(
     runner: LayerRunner, window: EncodedWindow, query_ids: Sequence[int], room: int, tap_layer: int | None = None,
     segment_lengths: Sequence[int] | None = None, query_update: QueryUpdate | None = None,
+    tap: SentenceAttentionTap | None = None,
 ) -> QuestionPass:
     """Append the question to a private copy of the window's cache (the encoding itself stays untouched).
 
     ``segment_lengths``: the token counts of the window's sentence segments (``DocumentEncoding.segment_ids``
     lengths for ``window.first .. window.last``); given, the pass also records the question's attention over them
-    (with ``query_update``'s queries where it has some: :class:`~cfic.decoding.attention.QueryUpdate`)."""
+    (with ``query_update``'s queries where it has some: :class:`~cfic.decoding.attention.QueryUpdate`). ``tap``: the
+    caller's own tap instead (a subclass that records more, e.g. ``cfic fit-query-heads``' material), so training
+    material comes from this very pass."""
     from cfic.decoding.runner import PLAIN, causal_extension_mask, forward
 
     cache = window.kv.fork(len(query_ids) + room)
@@ -345,8 +348,7 @@ def question_pass(
     positions = torch.arange(start, start + ids.shape[1], device=runner.device).unsqueeze(0)
     mask = causal_extension_mask(start, ids.shape[1], runner.device)
     last = torch.tensor([ids.shape[1] - 1], device=runner.device)  # only the last token's output is read
-    tap = None
-    if segment_lengths is not None:
+    if tap is None and segment_lengths is not None:
         head = window.n_tokens - sum(segment_lengths)
         tap = SentenceAttentionTap(sentence_token_bounds(head, list(segment_lengths)).to(runner.device),
                                    query_update=query_update)

@@ -38,8 +38,7 @@ def collect(grounder: Any, examples: list[tuple[str, Any]], folder: Path, progre
     from tqdm.auto import tqdm
 
     from cfic.decoding.attention import SentenceAttentionTap, _queries, sentence_token_bounds
-    from cfic.decoding.encode import window_segment_lengths
-    from cfic.decoding.runner import causal_extension_mask, forward
+    from cfic.decoding.encode import question_pass, window_segment_lengths
     from cfic.eval.metrics import contains_answer
     from cfic.prior import SentencePrior
 
@@ -76,15 +75,9 @@ def collect(grounder: Any, examples: list[tuple[str, Any]], folder: Path, progre
         ids = grounder.template.query_ids(grounder.tokenizer, ex.question, cfg.max_query_tokens)
         lengths = window_segment_lengths(enc, window)
         tap = CapturingTap(sentence_token_bounds(window.n_tokens - sum(lengths), lengths).to(grounder.runner.device))
-        cache = window.kv.fork(len(ids))
-        start = cache.length
-        device = grounder.runner.device
         with torch.inference_mode():
-            forward(grounder.runner, torch.tensor([ids], device=device),
-                    torch.arange(start, start + len(ids), device=device).unsqueeze(0), cache,
-                    causal_extension_mask(start, len(ids), device), outputs=torch.tensor([len(ids) - 1], device=device),
-                    layers=tap)
-        att = tap.result()
+            att = question_pass(grounder.runner, window, ids, 0, tap=tap).attention
+        start = window.n_tokens  # the cache length the question continues
         answer = [contains_answer(s.text, ex.answers) for s in enc.sentences[window.first: window.last]]
         dim = tap.queries[layers[0]].shape[-1]
         scales = [float(getattr(grounder.runner.layers[i].self_attn, "scaling", dim ** -0.5)) for i in layers]
